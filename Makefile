@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make demo   set up .venv (when needed) and run the workflow on the bundled demo scenes
+#   make test   set up .venv (when needed) and run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.roadxfer-installed
+CORES ?= $(shell nproc)
+
+.PHONY: demo test lint dryrun bench clean-demo
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/snakemake --workflow-profile profiles/local --cores $(CORES)
+	@echo "Demo outputs are under results/ (logs/ and benchmarks/ mirror them)."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+dryrun: $(STAMP)
+	$(BIN)/snakemake --dry-run --quiet
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_tiles.py
+
+clean-demo:
+	rm -rf results logs benchmarks resources/demo

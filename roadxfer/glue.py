@@ -1,0 +1,54 @@
+"""What every Snakemake script needs: logging to the rule's log file, and settings from config."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .labels import LabelSettings
+from .tiles import TileSettings
+
+
+def run_logged(snakemake: Any, main: Callable[[], object]) -> None:
+    """Run ``main`` with logging sent to the rule's log (and stderr); errors end up in the log."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if snakemake.log:
+        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    try:
+        main()
+    except Exception:
+        logging.getLogger("roadxfer").exception("rule %s failed", snakemake.rule)
+        raise
+
+
+def image_kwargs(image_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {"allowed_band_counts": (int(image_cfg.get("band_count", 3)),), "allowed_dtypes": tuple(image_cfg.get("dtypes", ["uint8"]))}
+
+
+def label_settings(labels_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]) -> LabelSettings:
+    return LabelSettings(
+        buffer_radius=float(labels_cfg.get("buffer_radius", 2.0)),
+        orientation_bin_size=int(labels_cfg.get("orientation_bin_size", 10)),
+        class_field=labels_cfg.get("class_field", "Classvalue"),
+        class_value=labels_cfg.get("class_value"),
+        class_map=labels_cfg.get("class_map"),
+        known_values=frozenset(int(c["value"]) for c in classes),
+    )
+
+
+def tile_settings(tiles_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]], bin_size: int) -> TileSettings:
+    return TileSettings(
+        tile_size=int(tiles_cfg.get("tile_size", 256)),
+        stride=int(tiles_cfg.get("stride", 128)),
+        keep=tiles_cfg.get("keep", "features"),
+        empty_fraction=float(tiles_cfg.get("empty_fraction", 0.0)),
+        max_nodata_fraction=float(tiles_cfg.get("max_nodata_fraction", 0.5)),
+        rotations=tuple(tiles_cfg.get("rotations", ())),
+        chip_format=tiles_cfg.get("chip_format", "tif"),
+        seed=int(tiles_cfg.get("seed", 0)),
+        classes=tuple(dict(c) for c in classes),
+        orientation_bin_size=bin_size,
+    )

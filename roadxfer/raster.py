@@ -1,0 +1,136 @@
+"""Checks and helpers for the input imagery: open, validate, nodata masks, windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.windows import Window
+
+from .errors import InputError
+
+# Creation options for every GeoTIFF we write: tiled and compressed, so windowed reads
+# of our outputs are cheap and files stay small.
+GTIFF_PROFILE = {
+    "driver": "GTiff",
+    "tiled": True,
+    "blockxsize": 256,
+    "blockysize": 256,
+    "compress": "deflate",
+    "predictor": 2,
+    "interleave": "band",
+}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the workflow needs to know about an input scene."""
+
+    path: str
+    width: int
+    height: int
+    crs: rasterio.crs.CRS
+    transform: rasterio.Affine
+    count: int
+    dtype: str
+    nodata: float | None
+    bands: tuple[int, ...]  # 1-based indexes of the image bands used (alpha excluded)
+    alpha: int | None  # 1-based index of the alpha band, if any
+
+    @property
+    def cell_size(self) -> float:
+        return float(abs(self.transform.a))
+
+
+def image_info(
+    path: str | Path,
+    *,
+    allowed_band_counts: tuple[int, ...] = (3,),
+    allowed_dtypes: tuple[str, ...] = ("uint8",),
+) -> ImageInfo:
+    """Open ``path`` and check it is imagery the workflow can use.
+
+    An alpha band (colour interpretation ``alpha``, or a 4th band of a 3-band setup) is
+    not counted as an image band: it marks nodata.
+    """
+    path = str(path)
+    if not Path(path).exists():
+        raise InputError(path, "image file does not exist", "check the `image` column of the scene sheet")
+    if Path(path).stat().st_size == 0:
+        raise InputError(path, "image file is empty", "re-export or re-copy the image")
+    try:
+        with rasterio.open(path) as src:
+            crs, transform = src.crs, src.transform
+            count, dtypes, nodata = src.count, src.dtypes, src.nodata
+            width, height = src.width, src.height
+            colorinterp = list(src.colorinterp)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(path, f"cannot be read as a raster ({exc})", "check the file is a valid GeoTIFF or other GDAL raster") from exc
+    if crs is None:
+        raise InputError(path, "raster has no coordinate reference system", "assign one, e.g. `gdal_edit.py -a_srs EPSG:32611 FILE`")
+    if transform.b != 0 or transform.d != 0:
+        raise InputError(path, "raster is rotated (non north-up)", "warp it north-up first with `gdalwarp`")
+    alpha = None
+    for i, ci in enumerate(colorinterp, start=1):
+        if ci == ColorInterp.alpha:
+            alpha = i
+    if alpha is None and count - 1 in allowed_band_counts and count not in allowed_band_counts:
+        alpha = count  # e.g. RGB + all-255 mask band exported without the alpha tag
+    bands = tuple(i for i in range(1, count + 1) if i != alpha)
+    if len(bands) not in allowed_band_counts:
+        raise InputError(
+            path,
+            f"has {len(bands)} image band(s), the workflow is configured for {list(allowed_band_counts)}",
+            "select the bands with `gdal_translate -b 1 -b 2 -b 3` or change `image.band_count` in the config",
+        )
+    dtype = dtypes[bands[0] - 1]
+    if dtype not in allowed_dtypes:
+        raise InputError(
+            path,
+            f"has pixel type {dtype}, the workflow accepts {list(allowed_dtypes)}",
+            "rescale it to 8 bit (`gdal_translate -ot Byte -scale`) or set `image.rescale` in the config",
+        )
+    return ImageInfo(path, width, height, crs, transform, count, dtype, nodata, bands, alpha)
+
+
+def read_window(src: rasterio.DatasetReader, info: ImageInfo, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Read the image bands of ``window`` and a boolean *valid* mask (False = nodata).
+
+    Reads outside the raster come back as nodata (``boundless``), so callers can ask
+    for windows that overhang the edge.
+    """
+    data = read_boundless(src, list(info.bands), window, 0)
+    valid = _inside_mask(window, info.width, info.height)
+    if info.alpha is not None:
+        valid &= read_boundless(src, info.alpha, window, 0) != 0
+    if info.nodata is not None:
+        valid &= ~np.all(data == np.asarray(info.nodata, dtype=data.dtype), axis=0)
+    return data, valid
+
+
+def read_boundless(src: rasterio.DatasetReader, indexes: int | list[int], window: Window, fill: int) -> np.ndarray:
+    """Read ``window``, padding with ``fill`` where it overhangs the raster.
+
+    rasterio's ``boundless=True`` goes through a warped VRT and is several times slower,
+    so it is used only for windows that actually overhang.
+    """
+    if window.col_off >= 0 and window.row_off >= 0 and window.col_off + window.width <= src.width and window.row_off + window.height <= src.height:
+        return src.read(indexes, window=window)
+    return src.read(indexes, window=window, boundless=True, fill_value=fill)
+
+
+def _inside_mask(window: Window, width: int, height: int) -> np.ndarray:
+    rows = np.arange(window.row_off, window.row_off + window.height)
+    cols = np.arange(window.col_off, window.col_off + window.width)
+    return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+
+
+def block_windows(width: int, height: int, block: int) -> Iterator[Window]:
+    """Square windows of ``block`` pixels covering the raster, clipped at its edges."""
+    for row in range(0, height, block):
+        for col in range(0, width, block):
+            yield Window(col, row, min(block, width - col), min(block, height - row))

@@ -1,0 +1,334 @@
+"""Step 2: export classified tiles (image/label chips) in the reference tool's layout.
+
+Layout of one dataset folder, as Esri's ``Classified_Tiles`` loader reads it::
+
+    images/000000000.tif  labels/000000000.tif  orientation/000000000.tif
+    map.txt  stats.txt  esri_accumulated_stats.json  esri_model_definition.emd
+
+Chips are georeferenced GeoTIFFs (PNG optional). ``orientation/`` is ours: Esri's
+tools ignore it. The scene is read one window at a time, so memory does not depend
+on the scene size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from . import IGNORE_VALUE
+from .atomic import atomic_path
+from .errors import InputError
+from .raster import image_info, read_boundless, read_window
+
+log = logging.getLogger(__name__)
+
+LAYOUT_FILES = ("map.txt", "esri_accumulated_stats.json", "esri_model_definition.emd")
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    tile_size: int = 256
+    stride: int = 128
+    keep: str = "features"  # "features" | "all" | "fraction"
+    empty_fraction: float = 0.0  # with keep == "fraction": share of feature-less tiles kept
+    max_nodata_fraction: float = 0.5
+    min_feature_pixels: int = 1
+    rotations: tuple[int, ...] = ()  # extra copies rotated by these multiples of 90 degrees
+    chip_format: str = "tif"  # "tif" | "png"
+    seed: int = 0
+    classes: Sequence[Mapping[str, Any]] = field(default_factory=lambda: ({"value": 1, "name": "road", "color": [255, 0, 0]},))
+    orientation_bin_size: int = 10
+
+
+def tile_windows(width: int, height: int, tile: int, stride: int) -> Iterator[Window]:
+    """Windows of ``tile`` px every ``stride`` px; the last row/column is aligned to the edge.
+
+    Scenes smaller than a tile give one window that overhangs (padded as nodata).
+    """
+    def starts(n: int) -> list[int]:
+        if n <= tile:
+            return [0]
+        s = list(range(0, n - tile + 1, stride))
+        if s[-1] != n - tile:
+            s.append(n - tile)
+        return s
+
+    for row in starts(height):
+        for col in starts(width):
+            yield Window(col, row, tile, tile)
+
+
+def _rotate_orientation(orient: np.ndarray, k: int, bin_size: int) -> np.ndarray:
+    """Orientation bins after rotating the chip by ``k`` x 90 degrees counter-clockwise."""
+    nbins = 180 // bin_size
+    shift = (k * 90 // bin_size) % nbins
+    out = orient.copy()
+    road = (orient > 0) & (orient != IGNORE_VALUE)
+    out[road] = ((orient[road].astype(np.int64) - 1 + shift) % nbins + 1).astype(np.uint8)
+    return out
+
+
+def _chip_profile(fmt: str, count: int, crs: Any, transform: Any, tile: int) -> dict[str, Any]:
+    if fmt == "png":
+        return {"driver": "PNG", "width": tile, "height": tile, "count": count, "dtype": "uint8", "crs": crs, "transform": transform}
+    blk = 256 if tile % 256 == 0 else None
+    prof = {"driver": "GTiff", "width": tile, "height": tile, "count": count, "dtype": "uint8", "crs": crs, "transform": transform, "compress": "deflate"}
+    if blk:
+        prof.update(tiled=True, blockxsize=blk, blockysize=blk)
+    return prof
+
+
+def _write_chip(path: Path, data: np.ndarray, profile: Mapping[str, Any], nodata: int | None = None) -> None:
+    with rasterio.open(path, "w", **profile, **({"nodata": nodata} if nodata is not None else {})) as dst:
+        dst.write(data if data.ndim == 3 else data[None])
+
+
+def export_tiles(
+    image: str | Path,
+    label: str | Path,
+    orientation: str | Path,
+    out_dir: str | Path,
+    settings: TileSettings,
+    *,
+    scene_id: str = "",
+    image_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Cut one scene into chips; write the dataset folder atomically; return its stats."""
+    info = image_info(image, **dict(image_kwargs or {}))
+    with rasterio.open(label) as lab:
+        if (lab.width, lab.height, lab.transform, lab.crs) != (info.width, info.height, info.transform, info.crs):
+            raise InputError(label, f"label raster is not on the grid of {image}", "re-run the rasterization step for this scene")
+    if settings.tile_size % 32:
+        raise InputError(None, f"tile_size {settings.tile_size} is not a multiple of 32", "the encoder downsamples by 32: use e.g. 128, 256 or 512")
+    rng = np.random.default_rng(settings.seed)
+    class_values = [int(c["value"]) for c in settings.classes]
+    tile = settings.tile_size
+    ext = settings.chip_format
+    pixels = {v: 0 for v in class_values}
+    tiles_with = {v: 0 for v in class_values}
+    band_sum = np.zeros(len(info.bands))
+    band_sq = np.zeros(len(info.bands))
+    band_min = np.full(len(info.bands), np.inf)
+    band_max = np.full(len(info.bands), -np.inf)
+    valid_px = 0
+    lines = []
+    n = 0
+    skipped_nodata = skipped_empty = 0
+    with atomic_path(out_dir, directory=True) as tmp:
+        for sub in ("images", "labels", "orientation"):
+            (tmp / sub).mkdir()
+        with rasterio.open(image) as src, rasterio.open(label) as lab, rasterio.open(orientation) as ori:
+            for window in tile_windows(info.width, info.height, tile, settings.stride):
+                img, valid = read_window(src, info, window)
+                if 1 - valid.mean() > settings.max_nodata_fraction:
+                    skipped_nodata += 1
+                    continue
+                lbl = read_boundless(lab, 1, window, IGNORE_VALUE)
+                ori_chip = read_boundless(ori, 1, window, IGNORE_VALUE)
+                lbl[~valid] = IGNORE_VALUE
+                ori_chip[~valid] = IGNORE_VALUE
+                has_features = int(((lbl > 0) & (lbl != IGNORE_VALUE)).sum()) >= settings.min_feature_pixels
+                if not has_features:
+                    if settings.keep == "features" or (settings.keep == "fraction" and rng.random() >= settings.empty_fraction):
+                        skipped_empty += 1
+                        continue
+                wt = window_transform(window, info.transform)
+                for k in (0, *settings.rotations):
+                    stem = f"{n:09d}"
+                    i, l, o = (np.rot90(a, k, axes=(-2, -1)) for a in (img, lbl, ori_chip))
+                    o = _rotate_orientation(o, k, settings.orientation_bin_size) if k else o
+                    prof3 = _chip_profile(ext, i.shape[0], info.crs, wt, tile)
+                    prof1 = _chip_profile(ext, 1, info.crs, wt, tile)
+                    _write_chip(tmp / "images" / f"{stem}.{ext}", np.ascontiguousarray(i), prof3)
+                    _write_chip(tmp / "labels" / f"{stem}.{ext}", np.ascontiguousarray(l), prof1, IGNORE_VALUE)
+                    _write_chip(tmp / "orientation" / f"{stem}.{ext}", np.ascontiguousarray(o), prof1, IGNORE_VALUE)
+                    lines.append(f"images/{stem}.{ext} labels/{stem}.{ext}")
+                    n += 1
+                    counts = np.bincount(l.ravel(), minlength=256)
+                    for v in pixels:
+                        if counts[v]:
+                            pixels[v] += int(counts[v])
+                            tiles_with[v] += 1
+                if k := int(valid.sum()):  # band statistics over valid pixels, once per window
+                    px = img.reshape(img.shape[0], -1).astype(np.float64) if k == valid.size else img[:, valid].astype(np.float64)
+                    band_sum += px.sum(1)
+                    band_sq += (px * px).sum(1)
+                    band_min = np.minimum(band_min, px.min(1))
+                    band_max = np.maximum(band_max, px.max(1))
+                    valid_px += k
+        mean = band_sum / max(valid_px, 1)
+        std = np.sqrt(np.maximum(band_sq / max(valid_px, 1) - mean**2, 0))
+        stats = write_layout(
+            tmp,
+            lines=lines,
+            tile=tile,
+            bands=len(info.bands),
+            classes=settings.classes,
+            pixels=pixels,
+            tiles_with=tiles_with,
+            cell_size=info.cell_size,
+            band_stats={"min": band_min.tolist() if valid_px else [], "max": band_max.tolist() if valid_px else [], "mean": mean.tolist(), "std": std.tolist()},
+            extra={"SceneId": scene_id, "SourceImage": str(image), "OrientationBinSize": settings.orientation_bin_size, "Stride": settings.stride,
+                   "SkippedNodataTiles": skipped_nodata, "SkippedEmptyTiles": skipped_empty},
+        )
+    log.info("%s: %d tile(s) written to %s (%d empty, %d mostly-nodata skipped)", image, n, out_dir, skipped_empty, skipped_nodata)
+    return stats
+
+
+def write_layout(
+    folder: Path,
+    *,
+    lines: list[str],
+    tile: int,
+    bands: int,
+    classes: Sequence[Mapping[str, Any]],
+    pixels: Mapping[int, int],
+    tiles_with: Mapping[int, int],
+    cell_size: float,
+    band_stats: Mapping[str, list[float]],
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write ``map.txt``, ``stats.txt``, ``esri_accumulated_stats.json`` and ``esri_model_definition.emd``."""
+    (folder / "map.txt").write_text("".join(f"{line}\n" for line in lines))
+    stats = {
+        "Version": "1.0",
+        "MetaDataMode": "Classified_Tiles",
+        "ImageSpaceUsed": "MAP_SPACE",
+        "NumBands": bands,
+        "TileSizeX": tile,
+        "TileSizeY": tile,
+        "NumTiles": len(lines),
+        "NumClasses": len(classes),
+        "OutputFeatures": True,
+        "MinCellSize": cell_size,
+        "Classes": [{"ClassValue": int(c["value"]), "ClassName": c["name"]} for c in classes],
+        "ClassPixelStats": {
+            "NumImagesPerClass": [int(tiles_with.get(int(c["value"]), 0)) for c in classes],
+            "NumPixelsPerClass": [int(pixels.get(int(c["value"]), 0)) for c in classes],
+        },
+        "AllTilesStats": [
+            {"Min": band_stats["min"][b] if band_stats["min"] else 0, "Max": band_stats["max"][b] if band_stats["max"] else 0,
+             "Mean": band_stats["mean"][b], "StdDev": band_stats["std"][b]}
+            for b in range(bands)
+        ],
+        "roadxfer": dict(extra),
+    }
+    (folder / "esri_accumulated_stats.json").write_text(json.dumps(stats, indent=2))
+    emd = {
+        "Framework": "roadxfer",
+        "ModelConfiguration": "ClassifiedTiles",
+        "ImageHeight": tile,
+        "ImageWidth": tile,
+        "ExtractBands": list(range(bands)),
+        "Classes": [{"Value": int(c["value"]), "Name": c["name"], "Color": list(c.get("color", [255, 0, 0]))} for c in classes],
+    }
+    (folder / "esri_model_definition.emd").write_text(json.dumps(emd, indent=2))
+    stats_txt = [f"NumTiles={len(lines)}", f"TileSize={tile}", f"NumBands={bands}", f"CellSize={cell_size}"]
+    stats_txt += [f"Class {c['value']} ({c['name']}): {pixels.get(int(c['value']), 0)} pixels in {tiles_with.get(int(c['value']), 0)} tiles" for c in classes]
+    (folder / "stats.txt").write_text("\n".join(stats_txt) + "\n")
+    return stats
+
+
+# --- reading datasets (ours, or exported by ArcGIS Pro) ------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One Classified Tiles folder, as read back for training."""
+
+    root: Path
+    images: tuple[Path, ...]
+    labels: tuple[Path, ...]
+    orientation: tuple[Path | None, ...]
+    classes: tuple[dict[str, Any], ...]
+    tile_size: int
+    bands: int
+    cell_size: float | None
+    scene_id: str
+
+
+def read_dataset(root: str | Path) -> Dataset:
+    """Read a Classified Tiles folder; checks the files Esri's loader requires."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "classified tiles folder does not exist", "run the export step or check the path in the config")
+    for name in LAYOUT_FILES:
+        if not (root / name).is_file():
+            raise InputError(root, f"is not a Classified Tiles folder: {name} is missing", "export it again with the classified-tiles step or ArcGIS Pro's Export Training Data (Classified Tiles)")
+    try:
+        emd = json.loads((root / "esri_model_definition.emd").read_text())
+        stats = json.loads((root / "esri_accumulated_stats.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(root, f"has a corrupt JSON layout file ({exc})", "export the tiles again") from exc
+    if stats.get("MetaDataMode", "Classified_Tiles") != "Classified_Tiles":
+        raise InputError(root / "esri_accumulated_stats.json", f"MetaDataMode is {stats.get('MetaDataMode')!r}, not 'Classified_Tiles'", "export with the Classified Tiles metadata format")
+    classes = tuple(
+        {"value": int(c.get("Value", c.get("ClassValue"))), "name": c.get("Name", c.get("ClassName", "")), "color": list(c.get("Color", [255, 0, 0]))}
+        for c in emd.get("Classes", [])
+    )
+    if not classes:
+        raise InputError(root / "esri_model_definition.emd", "lists no Classes", "the .emd needs a Classes list of {Value, Name, Color}")
+    images, labels, orient = [], [], []
+    for n, raw in enumerate((root / "map.txt").read_text().splitlines(), start=1):
+        parts = raw.replace("\\", "/").split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise InputError(root / "map.txt", f"line {n} does not have two paths", "each line must read `images/<stem>.<ext> labels/<stem>.<ext>`")
+        img, lbl = root / parts[0], root / parts[1]
+        if not img.is_file() or not lbl.is_file():
+            log.warning("%s: line %d names a missing chip, skipped (as Esri's loader does)", root / "map.txt", n)
+            continue
+        images.append(img)
+        labels.append(lbl)
+        o = root / "orientation" / lbl.name
+        orient.append(o if o.is_file() else None)
+    if not images:
+        raise InputError(root, "holds no image/label chips", "export tiles that contain features, or point the config at another folder")
+    tile_x, tile_y = int(stats.get("TileSizeX", 0)), int(stats.get("TileSizeY", 0))
+    with rasterio.open(images[0]) as first:
+        size, bands = (first.height, first.width), first.count
+    if tile_x and (tile_y, tile_x) != size:
+        raise InputError(images[0], f"chip is {size[1]}x{size[0]} px but the stats say {tile_x}x{tile_y}", "export the tiles again")
+    if size[0] != size[1]:
+        raise InputError(images[0], f"chip is not square ({size[1]}x{size[0]})", "export square tiles")
+    return Dataset(root, tuple(images), tuple(labels), tuple(orient), classes, size[0], bands,
+                   stats.get("MinCellSize"), str(stats.get("roadxfer", {}).get("SceneId", root.name)))
+
+
+def gather(datasets: Sequence[str | Path], out_manifest: str | Path, *, role: str) -> dict[str, Any]:
+    """Merge per-scene datasets of one role into one training manifest (JSON).
+
+    Checks that they agree on tile size, bands and classes, so training fails early
+    and names the odd one out.
+    """
+    read = [read_dataset(d) for d in datasets]
+    if not read:
+        raise InputError(None, f"no scene has role {role!r}", f"add rows with role {role} to the scene sheet")
+    ref = read[0]
+    for d in read[1:]:
+        if d.tile_size != ref.tile_size:
+            raise InputError(d.root, f"has {d.tile_size}px tiles, {ref.root} has {ref.tile_size}px", "export all scenes of a role with the same tile_size")
+        if d.bands != ref.bands:
+            raise InputError(d.root, f"has {d.bands} bands, {ref.root} has {ref.bands}", "use imagery with the same bands")
+    classes = {c["value"]: c for d in read for c in d.classes}
+    manifest = {
+        "role": role,
+        "tile_size": ref.tile_size,
+        "bands": ref.bands,
+        "classes": sorted(classes.values(), key=lambda c: c["value"]),
+        "datasets": [{"path": str(d.root), "scene_id": d.scene_id, "tiles": len(d.images), "cell_size": d.cell_size} for d in read],
+        "tiles": sum(len(d.images) for d in read),
+    }
+    with atomic_path(out_manifest) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    return manifest

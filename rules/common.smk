@@ -1,0 +1,62 @@
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+sys.path.insert(0, workflow.basedir)
+
+from roadxfer.errors import InputError
+from roadxfer.sheet import TRAINING_ROLES, check_sheet, read_sheet
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+DEMO_DIR = config["demo"]["outdir"]
+DEMO_FILES = [
+    f"{DEMO_DIR}/{scene}.{ext}" for scene in config["demo"]["scenes"] for ext in ("tif", "gpkg")
+]
+
+_sheet = read_sheet(config["scenes"])
+validate(_sheet, schema="../schemas/scenes.schema.yaml")
+scenes = check_sheet(_sheet, config["scenes"], producible=DEMO_FILES)
+
+ROLES = sorted(set(scenes["role"]))
+
+
+wildcard_constraints:
+    scene="|".join(scenes.index) if len(scenes) else "NO_SCENES",
+    role="|".join(TRAINING_ROLES),
+
+
+def scenes_with_role(*roles):
+    return [s for s in scenes.index if scenes.loc[s, "role"] in roles]
+
+
+def scene_image(wildcards):
+    return scenes.loc[wildcards.scene, "image"]
+
+
+def scene_labels(wildcards):
+    return scenes.loc[wildcards.scene, "labels"]
+
+
+def scene_row(wildcards):
+    return scenes.loc[wildcards.scene]
+
+
+def role_tiles(wildcards):
+    return [f"results/tiles/{s}" for s in scenes_with_role(wildcards.role)]
+
+
+def res(family, key, default):
+    """Portable resource from config['resources'][family]."""
+    return config["resources"].get(family, {}).get(key, default)
+
+
+def container_for(family):
+    return config["containers"].get(family, f"containers/roadxfer-{family}.sif")
+
+
+def all_targets():
+    targets = [f"results/datasets/{role}.json" for role in TRAINING_ROLES if scenes_with_role(role)]
+    targets += [f"results/labels/{s}/summary.json" for s in scenes_with_role("test")]
+    return targets

@@ -1,0 +1,62 @@
+"""The bundled synthetic demo scenes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+
+from roadxfer.demo import CELL, CRS, render_scene, write_scene
+
+
+def test_same_seed_same_bytes_other_seed_other_scene(tmp_path):
+    a = write_scene(7, tmp_path / "a.tif", tmp_path / "a.gpkg", size=256)
+    write_scene(7, tmp_path / "b.tif", tmp_path / "b.gpkg", size=256)
+    write_scene(8, tmp_path / "c.tif", tmp_path / "c.gpkg", size=256)
+    assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()
+    assert (tmp_path / "a.gpkg").read_bytes() == (tmp_path / "b.gpkg").read_bytes()
+    assert (tmp_path / "a.tif").read_bytes() != (tmp_path / "c.tif").read_bytes()
+    assert a
+
+
+def test_scene_format_and_labels(tmp_path):
+    write_scene(3, tmp_path / "s.tif", tmp_path / "s.gpkg", size=512, kind="mixed")
+    with rasterio.open(tmp_path / "s.tif") as src:
+        assert (src.count, src.dtypes[0], src.res) == (3, "uint8", (CELL, CELL))
+        assert src.crs.to_string() == CRS and src.crs.is_projected
+    gdf = pyogrio.read_dataframe(tmp_path / "s.gpkg", layer="roads")
+    assert set(gdf.geom_type) == {"LineString"}
+    assert (gdf["Classvalue"] == 1).all()
+    assert set(gdf["road_type"]) == {"paved", "unpaved", "trail"}
+    widths = gdf.groupby("road_type")["width_m"]
+    assert widths.min()["paved"] >= 6 and widths.max()["paved"] <= 10
+    assert widths.min()["unpaved"] >= 3 and widths.max()["unpaved"] <= 5
+    assert widths.max()["trail"] <= 2
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_road_types_look_different(seed):
+    """Paved roads are dark; unpaved roads and trails are lighter than the ground around them."""
+    from shapely import affinity  # noqa: F401  (geometry already in pixel space)
+    from roadxfer.demo import _distance
+
+    img, roads = render_scene(seed, 512, "mixed")
+    grey = img.mean(0)
+    for road in roads:
+        d = _distance(road.line, grey.shape)
+        core = grey[d < max(road.width_m / CELL / 2 - 1, 0.8)]
+        ring = grey[(d > road.width_m / CELL / 2 + 6) & (d < road.width_m / CELL / 2 + 12)]
+        if core.size < 50 or ring.size < 50:
+            continue
+        if road.kind == "paved":
+            assert np.median(core) < np.median(ring) - 60
+        else:
+            assert np.median(core) > np.median(ring)
+
+
+def test_rural_scenes_have_no_paved_roads():
+    _, roads = render_scene(11, 256, "rural")
+    assert roads and {r.kind for r in roads} <= {"unpaved", "trail"}
+    with pytest.raises(ValueError, match="unknown demo scene kind"):
+        render_scene(1, 64, "urban")

@@ -1,0 +1,86 @@
+"""The Snakemake workflow itself: lint, dry run, scene sheet checks, a small real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import rasterio
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def smk(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def tiny_workflow(tmp: Path, rows: list[str] | None = None, extra: str = "") -> Path:
+    (tmp / "cfg.yaml").write_text(
+        "scenes: scenes.tsv\n"
+        "demo: {size: 256, scenes: {b1: {seed: 1}, t1: {seed: 11, kind: rural}, x1: {seed: 101}}}\n"
+        "tiles: {tile_size: 128, stride: 128}\n" + extra
+    )
+    rows = rows or [
+        "b1\tresources/demo/b1.tif\tresources/demo/b1.gpkg\troads\troad_type = 'paved'\tbase",
+        "t1\tresources/demo/t1.tif\tresources/demo/t1.gpkg\troads\troad_type IN ('unpaved', 'trail')\ttransfer",
+        "x1\tresources/demo/x1.tif\tresources/demo/x1.gpkg\t\t\ttest",
+    ]
+    (tmp / "scenes.tsv").write_text("scene_id\timage\tlabels\tlayer\tfilter\trole\n" + "\n".join(rows) + "\n")
+    return tmp
+
+
+def test_lint_is_clean():
+    out = smk("--lint")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
+
+
+def test_dry_run_of_the_whole_demo_workflow():
+    out = smk("--dry-run", "--forceall", "--cores", "2")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles"):
+        assert rule in text
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("x9\tnowhere/x9.tif\tresources/demo/b1.gpkg\t\t\ttest", "row 4 (scene 'x9'): image file 'nowhere/x9.tif' does not exist"),
+        ("x9\tresources/demo/b1.tif\tresources/demo/b1.gpkg\t\t\ttraining", "Error validating row 3 of data frame"),
+        ("b1\tresources/demo/b1.tif\tresources/demo/b1.gpkg\t\t\ttest", "scene_id 'b1' appears more than once"),
+        ("x9\tresources/demo/b1.tif\t\t\t\ttest", "row 4 (scene 'x9') has role 'test' but no labels"),
+    ],
+)
+def test_bad_scene_sheet_fails_at_parse_time(tmp_path, row, message):
+    wf = tiny_workflow(tmp_path)
+    with open(wf / "scenes.tsv", "a") as f:
+        f.write(row + "\n")
+    out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
+    assert out.returncode != 0
+    assert message in out.stdout + out.stderr
+
+
+def test_invalid_config_value_is_refused(tmp_path):
+    wf = tiny_workflow(tmp_path, extra="tiles: {tile_size: 100}\n")
+    out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
+    assert out.returncode != 0 and "multiple of 32" in out.stdout + out.stderr
+
+
+def test_small_demo_runs_end_to_end(tmp_path):
+    wf = tiny_workflow(tmp_path)
+    out = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wf)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for role in ("base", "transfer"):
+        manifest = json.loads((wf / "results" / "datasets" / f"{role}.json").read_text())
+        assert manifest["tiles"] > 0 and manifest["tile_size"] == 128
+    with rasterio.open(wf / "resources/demo/x1.tif") as img, rasterio.open(wf / "results/labels/x1/label.tif") as lab:
+        assert (lab.transform, lab.shape, lab.crs) == (img.transform, img.shape, img.crs)
+    assert (wf / "logs/labels/b1.log").read_text()
+    assert (wf / "benchmarks/labels/b1.tsv").is_file()
+    assert (wf / "results/tiles/t1/images").is_dir()
