@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/snakemake --workflow-profile profiles/local --cores $(CORES)
+	$(BIN)/snakemake --workflow-profile profiles/local --configfile config/demo.yaml --cores $(CORES)
 	@echo "Demo outputs are under results/ (logs/ and benchmarks/ mirror them)."
 
 test: $(STAMP)

@@ -13,6 +13,7 @@ include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/labels.smk"
 include: "rules/tiles.smk"
+include: "rules/train.smk"
 
 
 rule all:

@@ -30,6 +30,7 @@ from scipy import ndimage
 from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
+from .orientation import angle_bin
 from .raster import GTIFF_PROFILE, ImageInfo, block_windows, image_info, read_window
 from .vectors import LINE_TYPES, class_values, read_vectors
 
@@ -50,12 +51,6 @@ class LabelSettings:
     @property
     def orientation_bins(self) -> int:
         return 180 // self.orientation_bin_size
-
-
-def angle_bin(angle_deg: np.ndarray | float, bin_size: int) -> np.ndarray:
-    """Orientation bin value (1..n) of an undirected angle in degrees."""
-    folded = np.mod(angle_deg, 180.0)
-    return (np.floor(folded / bin_size).astype(np.int64) % (180 // bin_size) + 1).astype(np.uint8)
 
 
 def buffer_in_crs(gdf: gpd.GeoDataFrame, radius: float, target_crs: Any) -> gpd.GeoSeries:

@@ -27,6 +27,7 @@ from rasterio.windows import transform as window_transform
 from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
+from .orientation import rotate_bins
 from .raster import image_info, read_boundless, read_window
 
 log = logging.getLogger(__name__)
@@ -65,16 +66,6 @@ def tile_windows(width: int, height: int, tile: int, stride: int) -> Iterator[Wi
     for row in starts(height):
         for col in starts(width):
             yield Window(col, row, tile, tile)
-
-
-def _rotate_orientation(orient: np.ndarray, k: int, bin_size: int) -> np.ndarray:
-    """Orientation bins after rotating the chip by ``k`` x 90 degrees counter-clockwise."""
-    nbins = 180 // bin_size
-    shift = (k * 90 // bin_size) % nbins
-    out = orient.copy()
-    road = (orient > 0) & (orient != IGNORE_VALUE)
-    out[road] = ((orient[road].astype(np.int64) - 1 + shift) % nbins + 1).astype(np.uint8)
-    return out
 
 
 def _chip_profile(fmt: str, count: int, crs: Any, transform: Any, tile: int) -> dict[str, Any]:
@@ -145,7 +136,7 @@ def export_tiles(
                 for k in (0, *settings.rotations):
                     stem = f"{n:09d}"
                     i, l, o = (np.rot90(a, k, axes=(-2, -1)) for a in (img, lbl, ori_chip))
-                    o = _rotate_orientation(o, k, settings.orientation_bin_size) if k else o
+                    o = rotate_bins(o, k, settings.orientation_bin_size) if k else o
                     prof3 = _chip_profile(ext, i.shape[0], info.crs, wt, tile)
                     prof1 = _chip_profile(ext, 1, info.crs, wt, tile)
                     _write_chip(tmp / "images" / f"{stem}.{ext}", np.ascontiguousarray(i), prof3)

@@ -25,6 +25,7 @@ ROLES = sorted(set(scenes["role"]))
 wildcard_constraints:
     scene="|".join(scenes.index) if len(scenes) else "NO_SCENES",
     role="|".join(TRAINING_ROLES),
+    model="|".join(config["models"]) or "NO_MODELS",
 
 
 def scenes_with_role(*roles):
@@ -59,4 +60,38 @@ def container_for(family):
 def all_targets():
     targets = [f"results/datasets/{role}.json" for role in TRAINING_ROLES if scenes_with_role(role)]
     targets += [f"results/labels/{s}/summary.json" for s in scenes_with_role("test")]
+    targets += [f"results/models/{m}" for m in config["models"] if model_datasets(m)]
     return targets
+
+
+MODELS = config["models"]
+
+
+def model_datasets(name):
+    """Tile folders of a model: roles of the scene sheet expand to their scenes' tiles."""
+    folders = []
+    for entry in MODELS[name]["datasets"]:
+        if entry in ("base", "transfer", "test", "predict"):
+            folders += [f"results/tiles/{s}" for s in scenes_with_role(entry)]
+        else:
+            folders.append(entry)
+    return folders
+
+
+def model_pretrained(name):
+    p = MODELS[name].get("pretrained")
+    if not p:
+        return []
+    return [f"results/models/{p}"] if p in MODELS else [p]
+
+
+def model_inputs(wildcards):
+    return {"tiles": model_datasets(wildcards.model), "pretrained": model_pretrained(wildcards.model)}
+
+
+def model_training(wildcards):
+    name = wildcards.model
+    merged = {**config["training"], **MODELS[name].get("training", {})}
+    merged["freeze"] = bool(MODELS[name].get("freeze", False))
+    merged["orientation_bin_size"] = config["labels"]["orientation_bin_size"]
+    return merged

@@ -12,7 +12,8 @@ from shapely.geometry import LineString, Point, Polygon
 
 from roadxfer import IGNORE_VALUE
 from roadxfer.errors import InputError
-from roadxfer.labels import LabelSettings, angle_bin, rasterize_scene
+from roadxfer.labels import LabelSettings, rasterize_scene
+from roadxfer.orientation import angle_bin
 
 CELL = 0.5
 

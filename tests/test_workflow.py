@@ -44,7 +44,7 @@ def test_dry_run_of_the_whole_demo_workflow():
     out = smk("--dry-run", "--forceall", "--cores", "2")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles"):
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model"):
         assert rule in text
 
 

@@ -1,0 +1,336 @@
+"""Step 3: train a multi-task road model, from scratch or from a pretrained package with its encoder frozen.
+
+Resumable: a checkpoint is written atomically after every epoch to ``workdir``; a job that
+is killed and started again (SLURM preemption or requeue) continues from the last
+finished epoch and ends with the same weights as an uninterrupted run (same seed, CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import IGNORE_VALUE, __version__
+from .atomic import atomic_path
+from .data import Augment, TileData, TrainSet, load_tiles, split
+from .errors import InputError
+from .model import ModelSpec, MultiTaskRoadModel, load_encoder_checkpoint
+from .orientation import n_bins
+from .package import build_emd, check_compatible, load_package, write_package
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "linknet"
+    backbone: str = "resnet34"
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    val_fraction: float = 0.2
+    val_split: str = "auto"  # auto | tile | scene
+    seed: int = 42
+    orientation_weight: float = 1.0
+    dice_weight: float = 1.0
+    freeze: bool = False
+    unfreeze_after: int | None = None
+    unfreeze_lr_factor: float = 0.1
+    encoder_checkpoint: str | None = None
+    orientation_bin_size: int = 10
+    augment: dict[str, Any] = field(default_factory=lambda: {"flips": True, "rot90": True, "color_jitter": 0.1})
+    zip_dlpk: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present (honouring CUDA_VISIBLE_DEVICES as SLURM sets it), else CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(threads: int) -> int:
+    """Torch threads from the rule's ``threads``; returns the DataLoader worker count to use."""
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    # Tiles are in memory, so workers only augment: one per 4 threads, none on small machines.
+    return min(8, threads // 4)
+
+
+def seg_orient_loss(seg_logits: torch.Tensor, ori_logits: torch.Tensor, seg_t: torch.Tensor, ori_t: torch.Tensor, *, orientation_weight: float, dice_weight: float) -> torch.Tensor:
+    """Cross-entropy + soft Dice (road vs background) + weighted orientation cross-entropy; ignore pixels count in none."""
+    valid = seg_t != IGNORE_VALUE
+    if not valid.any():
+        return seg_logits.sum() * 0.0
+    loss = F.cross_entropy(seg_logits.float(), seg_t, ignore_index=IGNORE_VALUE)
+    if dice_weight:
+        p_road = 1 - torch.softmax(seg_logits.float(), 1)[:, 0]
+        v = valid.float()
+        t = ((seg_t > 0) & valid).float()
+        inter = (p_road * t * v).sum()
+        dice = 1 - (2 * inter + 1) / ((p_road * v).sum() + t.sum() + 1)
+        loss = loss + dice_weight * dice
+    if orientation_weight and (ori_t != IGNORE_VALUE).any():
+        loss = loss + orientation_weight * F.cross_entropy(ori_logits.float(), ori_t, ignore_index=IGNORE_VALUE)
+    return loss
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_digest(data: TileData) -> str:
+    h = hashlib.sha256()
+    for arr in (data.images, data.seg, data.orient):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def make_optimizer(model: MultiTaskRoadModel, cfg: TrainConfig, *, encoder_trainable: bool) -> torch.optim.Optimizer:
+    """Frozen encoder parameters are not in the optimiser at all; unfrozen ones get a lower LR."""
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if encoder_trainable:
+        factor = cfg.unfreeze_lr_factor if cfg.freeze else 1.0
+        groups.append({"params": list(model.encoder.parameters()), "lr": cfg.lr * factor})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, device: torch.device, cfg: TrainConfig) -> dict[str, float]:
+    model.eval()
+    inter = union = ori_ok = ori_n = 0
+    total, batches = 0.0, 0
+    for img, seg_t, ori_t in loader:
+        img, seg_t, ori_t = img.to(device), seg_t.to(device), ori_t.to(device)
+        seg, ori = model(_normalise(img, model))
+        total += float(seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight))
+        batches += 1
+        valid = seg_t != IGNORE_VALUE
+        pred, true = (seg.argmax(1) > 0) & valid, (seg_t > 0) & valid
+        inter += int((pred & true).sum())
+        union += int((pred | true).sum())
+        road = (ori_t > 0) & (ori_t != IGNORE_VALUE)
+        ori_ok += int((ori.argmax(1)[road] == ori_t[road]).sum())
+        ori_n += int(road.sum())
+    return {"val_loss": total / max(batches, 1), "val_road_iou": inter / union if union else 0.0, "val_orient_acc": ori_ok / ori_n if ori_n else float("nan")}
+
+
+def _normalise(img: torch.Tensor, model: MultiTaskRoadModel) -> torch.Tensor:
+    return (img - model.norm_mean) / model.norm_std
+
+
+def _attach_norm(model: MultiTaskRoadModel, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+    model.norm_mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    model.norm_std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def train(
+    datasets: Sequence[str | Path],
+    out_package: str | Path,
+    cfg: TrainConfig,
+    *,
+    classes: Sequence[dict[str, Any]],
+    pretrained: str | Path | None = None,
+    workdir: str | Path | None = None,
+    threads: int = 1,
+    device: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model and write its package; returns the best validation metrics."""
+    workers = set_threads(threads)
+    dev = pick_device(device)
+    data = load_tiles(datasets, classes)
+    bins = n_bins(cfg.orientation_bin_size)
+    spec = ModelSpec(arch=cfg.arch, backbone=cfg.backbone, in_channels=data.bands, n_classes=len(classes), orientation_bins=bins)
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = MultiTaskRoadModel(spec)
+    parent = None
+    if pretrained:
+        pkg = load_package(pretrained)
+        reset = check_compatible(pkg, spec=spec, classes=list(classes), bands=data.bands, tile_size=data.tile_size, source=data.sources[0])
+        model.load_state_dict(pkg.model.state_dict(), strict=False) if reset else model.load_state_dict(pkg.model.state_dict())
+        if reset:
+            model.reset_heads(seg="segmentation head" in reset, orient="orientation head" in reset)
+            log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s", " and ".join(reset))
+        mean, std = pkg.mean, pkg.std  # the encoder was trained on inputs normalised this way
+        parent = {"path": str(pkg.path), "weights_sha256": pkg.weights_sha256, "name": pkg.path.name}
+        log.info("starting from pretrained package %s (sha256 %s…)", pkg.path, pkg.weights_sha256[:12])
+    else:
+        if cfg.encoder_checkpoint:
+            load_encoder_checkpoint(model, cfg.encoder_checkpoint)
+        mean, std = data.band_stats()
+    if cfg.freeze and not pretrained and not cfg.encoder_checkpoint:
+        log.warning("freeze is set but there is no pretrained model or encoder checkpoint: the encoder stays random")
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    _attach_norm(model, mean, std, dev)
+
+    train_idx, val_idx = split(data, val_fraction=cfg.val_fraction, mode=cfg.val_split, seed=cfg.seed)
+    aug = Augment(**cfg.augment)
+    train_set = TrainSet(data, train_idx, aug, cfg.orientation_bin_size, cfg.seed)
+    val_set = TrainSet(data, val_idx, None, cfg.orientation_bin_size, cfg.seed)
+    drop_last = len(train_set) > cfg.batch_size
+    loader_kw = {"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": workers > 0}
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, **loader_kw)
+
+    digest = _digest({"cfg": asdict(cfg), "classes": list(classes), "data": data_digest(data), "parent": parent})
+    workdir = Path(workdir) if workdir else Path(out_package).with_name(f".{Path(out_package).name}.work")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = workdir / "checkpoint.pt"
+
+    start_epoch, history, best, best_state, bad = 0, [], -1.0, None, 0
+    frozen_now = cfg.freeze
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("digest") == digest:
+            start_epoch, history, best, bad = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["bad"]
+            best_state = ckpt["best_state"]
+            frozen_now = ckpt["frozen"]
+            model.load_state_dict(ckpt["model"])
+            log.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+        else:
+            log.warning("%s belongs to other settings or data: starting over", ckpt_path)
+    model.freeze_encoder(frozen_now)
+    optimizer = make_optimizer(model, cfg, encoder_trainable=not frozen_now)
+    if start_epoch:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+
+    use_amp = dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("training %s/%s on %s: %d train / %d val tiles, %d trainable parameters, encoder %s", cfg.arch, cfg.backbone, dev, len(train_idx), len(val_idx), n_params, "frozen" if frozen_now else "trainable")
+
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.freeze and cfg.unfreeze_after is not None and frozen_now and epoch >= cfg.unfreeze_after:
+            frozen_now = False
+            model.freeze_encoder(False)
+            optimizer = make_optimizer(model, cfg, encoder_trainable=True)
+            log.info("epoch %d: encoder unfrozen, lr x%g for it", epoch + 1, cfg.unfreeze_lr_factor)
+        t0 = time.perf_counter()
+        train_set.epoch = epoch
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
+        model.train()
+        total, n = 0.0, 0
+        for img, seg_t, ori_t in loader:
+            img = img.to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                img = img.contiguous(memory_format=torch.channels_last)
+            seg_t, ori_t = seg_t.to(dev, non_blocking=True), ori_t.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                seg, ori = model(_normalise(img, model))
+                loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach()) * len(img)
+            n += len(img)
+        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan")})}
+        metrics["seconds"] = time.perf_counter() - t0
+        metrics["encoder_frozen"] = frozen_now
+        history.append(metrics)
+        score = metrics["val_road_iou"] if len(val_idx) else -metrics["train_loss"]
+        improved = score > best
+        if improved:
+            best, bad = score, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            bad += 1
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f  %.1fs (%.1f tiles/s)%s",
+                 epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
+        with atomic_path(ckpt_path) as tmp:
+            torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
+                        "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": _rng_state()}, tmp)
+        if cfg.patience and bad >= cfg.patience:
+            log.info("early stop: validation road IoU did not improve for %d epochs", cfg.patience)
+            stopped_early = True
+            break
+
+    model.load_state_dict(best_state)
+    best_metrics = max(history, key=lambda m: m["val_road_iou"] if len(val_idx) else -m["train_loss"])
+    emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=cfg.orientation_bin_size, mean=mean, std=std,
+                    cell_size=data.cell_size, provenance={
+                        "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes, "tiles": len(data), "sha256": data_digest(data)},
+                        "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
+                        "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev)})
+    extras = _write_curves(workdir, history)
+    write_package(out_package, model, emd, extras=extras, zip_dlpk=cfg.zip_dlpk)
+    shutil.rmtree(workdir, ignore_errors=True)
+    log.info("wrote %s (best epoch %d, val road IoU %.4f)", out_package, best_metrics["epoch"], best_metrics["val_road_iou"])
+    return best_metrics
+
+
+def code_version() -> str:
+    """Git commit of the workflow when available (``git describe``), else the package version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def _write_curves(workdir: Path, history: list[dict[str, Any]]) -> dict[str, Path]:
+    csv_path = workdir / "metrics.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ep = [m["epoch"] for m in history]
+    a.plot(ep, [m["train_loss"] for m in history], label="train")
+    a.plot(ep, [m["val_loss"] for m in history], label="validation")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
+    b.plot(ep, [m["val_road_iou"] for m in history], label="road IoU")
+    b.plot(ep, [m["val_orient_acc"] for m in history], label="orientation acc.")
+    b.set_xlabel("epoch"), b.set_ylim(0, 1), b.legend()
+    fig.tight_layout()
+    png = workdir / "loss_graph.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return {"metrics.csv": csv_path, "ModelCharacteristics/loss_graph.png": png}

@@ -1,0 +1,235 @@
+"""Step 3: the multi-task model, packages, and transfer training with a frozen encoder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from roadxfer.demo import write_scene
+from roadxfer.errors import InputError
+from roadxfer.labels import LabelSettings, rasterize_scene
+from roadxfer.model import ModelSpec, MultiTaskRoadModel
+from roadxfer.package import load_package, write_package
+from roadxfer.tiles import TileSettings, export_tiles
+from roadxfer.train import TrainConfig, make_optimizer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
+FAST = {"backbone": "resnet18", "batch_size": 4, "epochs": 2, "patience": 0, "val_fraction": 0.25, "val_split": "tile"}
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny tile datasets from demo scenes: paved roads (base) and unpaved/trails (transfer)."""
+    root = tmp_path_factory.mktemp("tiles")
+    out = {}
+    for name, seed, kind, where in (("base", 1, "mixed", "road_type = 'paved'"), ("transfer", 11, "rural", None)):
+        write_scene(seed, root / f"{name}.tif", root / f"{name}.gpkg", size=192, kind=kind)
+        rasterize_scene(root / f"{name}.tif", root / f"{name}.gpkg", root / f"{name}_l.tif", root / f"{name}_o.tif", root / f"{name}.json", LabelSettings(buffer_radius=2.0), where=where)
+        export_tiles(root / f"{name}.tif", root / f"{name}_l.tif", root / f"{name}_o.tif", root / name, TileSettings(tile_size=64, stride=48, keep="all"), scene_id=name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_package(tiles, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "base"
+    train([tiles["base"]], out, TrainConfig(**FAST), classes=ROAD, threads=1)
+    return out
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_package(path).model.state_dict()
+
+
+def test_package_round_trip_and_definition(base_package):
+    pkg = load_package(base_package)
+    emd = json.loads((base_package / "base.emd").read_text())
+    assert emd["ModelName"] == "MultiTaskRoadExtractor" and emd["ModelFile"] == "base.pth"
+    assert emd["ModelParameters"]["backbone"] == "resnet18" and emd["ImageHeight"] == 64
+    assert emd["Classes"] == [{"Value": 1, "Name": "road", "Color": [255, 0, 0]}]
+    assert emd["RoadOrientation"]["orient_bin_size"] == 10 and emd["RoadOrientation"]["orient_bins"] == 18
+    assert len(emd["Normalization"]["mean"]) == 3 and emd["CellSize"] == pytest.approx(0.3)
+    prov = emd["roadxfer"]
+    assert prov["parent"] is None and len(prov["training_data"]["sha256"]) == 64
+    assert prov["training_config"]["backbone"] == "resnet18" and len(prov["history"]) == 2 and prov["code_version"]
+    assert (base_package / "metrics.csv").read_text().startswith("epoch,train_loss")
+    assert (base_package / "ModelCharacteristics" / "loss_graph.png").stat().st_size > 1000
+    assert pkg.weights_sha256 == prov["weights_sha256"]
+    seg, ori = pkg.model(torch.zeros(1, 3, 64, 64))
+    assert seg.shape == (1, 2, 64, 64) and ori.shape == (1, 19, 64, 64)
+
+
+def test_frozen_encoder_is_bit_identical_while_decoder_changes(tiles, base_package, tmp_path):
+    out = tmp_path / "transfer"
+    train([tiles["transfer"]], out, TrainConfig(**{**FAST, "freeze": True}), classes=ROAD, pretrained=base_package, threads=1)
+    before, after = _state(base_package), _state(out)
+    enc = [k for k in before if k.startswith("encoder.")]
+    assert any("running_mean" in k for k in enc)  # BatchNorm buffers are covered too
+    for k in enc:
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("seg_decoder."))
+    prov = json.loads((out / "transfer.emd").read_text())["roadxfer"]
+    assert prov["parent"]["weights_sha256"] == load_package(base_package).weights_sha256
+
+
+def test_frozen_encoder_is_not_in_the_optimiser():
+    model = MultiTaskRoadModel(ModelSpec(backbone="resnet18"))
+    model.freeze_encoder(True)
+    opt = make_optimizer(model, TrainConfig(freeze=True), encoder_trainable=False)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in model.encoder.parameters()}
+    model.train()
+    assert not model.encoder.training and model.seg_decoder.training
+    opt = make_optimizer(model, TrainConfig(freeze=True, lr=1e-3, unfreeze_lr_factor=0.1), encoder_trainable=True)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4])
+
+
+def test_unfreeze_after_trains_the_encoder_later(tiles, base_package, tmp_path):
+    out = tmp_path / "unfrozen"
+    train([tiles["transfer"]], out, TrainConfig(**{**FAST, "epochs": 2, "freeze": True, "unfreeze_after": 1}), classes=ROAD, pretrained=base_package, threads=1)
+    hist = json.loads((out / "unfrozen.emd").read_text())["roadxfer"]["history"]
+    assert [h["encoder_frozen"] for h in hist] == [True, False]
+
+
+def test_loss_decreases_on_a_tiny_dataset(tiles, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 6, "augment": {"flips": False, "rot90": False, "color_jitter": 0.0}})
+    train([tiles["base"]], tmp_path / "m", cfg, classes=ROAD, threads=1)
+    hist = json.loads((tmp_path / "m" / "m.emd").read_text())["roadxfer"]["history"]
+    assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+
+
+def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int) -> list[str]:
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from roadxfer.train import TrainConfig, train\n"
+        "train([%r], %r, TrainConfig(**%r), classes=%r, workdir=%r, threads=1)\n"
+    ) % (str(ROOT), str(tiles), str(out), {**FAST, "epochs": epochs}, ROAD, str(workdir))
+    return [sys.executable, "-c", code]
+
+
+def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
+    epochs = 5
+    subprocess.run(_train_cmd(tiles["base"], tmp_path / "straight", tmp_path / "w1", epochs), check=True)
+    ckpt = tmp_path / "w2" / "checkpoint.pt"
+    proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # as SLURM preemption does
+    proc.wait()
+    assert not (tmp_path / "resumed").exists()  # nothing that looks like a finished package
+    done = torch.load(ckpt, weights_only=False)["epoch"] + 1
+    assert 1 < done + 1 <= epochs
+    subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs), check=True)
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist = json.loads((tmp_path / "resumed" / "resumed.emd").read_text())["roadxfer"]["history"]
+    assert [h["epoch"] for h in hist] == list(range(1, epochs + 1))
+
+
+def test_changed_classes_reinitialise_heads(tiles, base_package, tmp_path, caplog):
+    classes = [{"value": 1, "name": "unpaved road", "color": [0, 255, 0]}]
+    with caplog.at_level(logging.WARNING):
+        train([tiles["transfer"]], tmp_path / "m", TrainConfig(**{**FAST, "epochs": 1, "freeze": True}), classes=classes, pretrained=base_package, threads=1)
+    assert "re-initialised the segmentation head" in caplog.text
+
+
+def test_training_on_an_arcgis_exported_folder(tiles, tmp_path):
+    """ArcGIS Pro's Classified Tiles: no orientation chips, backslashes in map.txt."""
+    arc = tmp_path / "arcgis"
+    shutil.copytree(tiles["transfer"], arc)
+    shutil.rmtree(arc / "orientation")
+    (arc / "map.txt").write_text((arc / "map.txt").read_text().replace("/", "\\"))
+    stats = json.loads((arc / "esri_accumulated_stats.json").read_text())
+    stats.pop("roadxfer")
+    (arc / "esri_accumulated_stats.json").write_text(json.dumps(stats))
+    best = train([arc], tmp_path / "m", TrainConfig(**{**FAST, "epochs": 1}), classes=ROAD, threads=1)
+    assert np.isnan(best["val_orient_acc"])  # no orientation targets: that loss and metric are skipped
+
+
+def test_compatibility_errors(tiles, base_package, tmp_path):
+    with pytest.raises(InputError, match=r"base: is a linknet/resnet18 model but the config asks for linknet/resnet34"):
+        train([tiles["transfer"]], tmp_path / "a", TrainConfig(**{**FAST, "backbone": "resnet34", "freeze": True}), classes=ROAD, pretrained=base_package)
+    four = tmp_path / "four"
+    shutil.copytree(base_package, four)
+    (four / "base.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"base\.pth: weights do not match the sha256"):
+        load_package(four)
+    emd = json.loads((four / "base.emd").read_text())
+    emd["roadxfer"].pop("weights_sha256")
+    (four / "base.emd").write_text(json.dumps(emd))
+    with pytest.raises(InputError, match=r"base\.pth: cannot be read as PyTorch weights"):
+        load_package(four)
+    (four / "base.emd").write_text("{ truncated")
+    with pytest.raises(InputError, match=r"base\.emd: model definition is corrupt"):
+        load_package(four)
+    (four / "base.emd").write_text(json.dumps({"Framework": "arcgis.learn.models._inferencing", "ModelName": "MultiTaskRoadExtractor"}))
+    with pytest.raises(InputError, match="not a roadxfer MultiTaskRoadExtractor"):
+        load_package(four)
+    other = tmp_path / "unet"
+    train([tiles["base"]], other, TrainConfig(**{**FAST, "epochs": 1, "arch": "unet"}), classes=ROAD, threads=1)
+    (other / "unet.pth").replace(four / "base.pth")
+    emd = json.loads((base_package / "base.emd").read_text())
+    emd["roadxfer"].pop("weights_sha256")
+    (four / "base.emd").write_text(json.dumps(emd))
+    with pytest.raises(InputError, match="weights do not fit a linknet/resnet18 model"):
+        load_package(four)
+
+
+def test_band_count_mismatch_with_pretrained(tiles, base_package, tmp_path):
+    import rasterio
+
+    two = tmp_path / "two"
+    shutil.copytree(tiles["transfer"], two)
+    for chip in (two / "images").iterdir():
+        with rasterio.open(chip) as src:
+            data, prof = src.read([1, 2]), src.profile
+        prof.update(count=2)
+        with rasterio.open(chip, "w", **prof) as dst:
+            dst.write(data)
+    with pytest.raises(InputError, match=r"two: has 2-band tiles but the pretrained model .* takes 3 bands"):
+        train([two], tmp_path / "m", TrainConfig(**{**FAST, "freeze": True}), classes=ROAD, pretrained=base_package)
+
+
+def test_bad_training_data(tiles, tmp_path):
+    empty = tmp_path / "empty"
+    shutil.copytree(tiles["base"], empty)
+    (empty / "map.txt").write_text("")
+    with pytest.raises(InputError, match="empty: holds no image/label chips"):
+        train([empty], tmp_path / "m", TrainConfig(**FAST), classes=ROAD)
+    with pytest.raises(InputError, match=r"labels/\d{9}\.tif: label chip has class value\(s\) \[1\] not listed"):
+        train([tiles["base"]], tmp_path / "m", TrainConfig(**FAST), classes=[{"value": 2, "name": "x"}])
+    small = tmp_path / "small"
+    src = tmp_path / "small_src"
+    write_scene(5, src.with_suffix(".tif"), src.with_suffix(".gpkg"), size=128)
+    rasterize_scene(src.with_suffix(".tif"), src.with_suffix(".gpkg"), tmp_path / "l.tif", tmp_path / "o.tif", tmp_path / "s.json", LabelSettings())
+    export_tiles(src.with_suffix(".tif"), tmp_path / "l.tif", tmp_path / "o.tif", small, TileSettings(tile_size=32, stride=32))
+    with pytest.raises(InputError, match="small: has 32px tiles but .* has 64px"):
+        train([tiles["base"], small], tmp_path / "m", TrainConfig(**FAST), classes=ROAD)
+    assert not (tmp_path / "m").exists()
+
+
+def test_finished_package_is_not_replaced_by_a_failed_write(base_package, tmp_path):
+    pkg = tmp_path / "base"
+    shutil.copytree(base_package, pkg)
+    before = (pkg / "base.pth").read_bytes()
+    model = MultiTaskRoadModel(ModelSpec(backbone="resnet18"))
+    with pytest.raises(FileNotFoundError):
+        write_package(pkg, model, {"roadxfer": {}}, extras={"metrics.csv": tmp_path / "missing.csv"})
+    assert (pkg / "base.pth").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
