@@ -141,6 +141,33 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
     return {"val_loss": total / max(batches, 1), "val_road_iou": inter / union if union else 0.0, "val_orient_acc": ori_ok / ori_n if ori_n else float("nan")}
 
 
+def amp_dtype(dev: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA (bfloat16 where supported), none on the CPU."""
+    if dev.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_scaler(dev: torch.device) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype(dev) == torch.float16)
+
+
+def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: Sequence[torch.Tensor], dev: torch.device, cfg: TrainConfig) -> float:
+    """One optimiser step on a batch ``(image 0-1, segmentation target, orientation target)``; returns the loss."""
+    img, seg_t, ori_t = (t.to(dev, non_blocking=True) for t in batch)
+    if dev.type == "cuda":
+        img = img.contiguous(memory_format=torch.channels_last)
+    dtype = amp_dtype(dev)
+    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        seg, ori = model(_normalise(img, model))
+        loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
 def _normalise(img: torch.Tensor, model: MultiTaskRoadModel) -> torch.Tensor:
     return (img - model.norm_mean) / model.norm_std
 
@@ -230,9 +257,7 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
 
-    use_amp = dev.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = make_scaler(dev)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("training %s/%s on %s: %d train / %d val tiles, %d trainable parameters, encoder %s", cfg.arch, cfg.backbone, dev, len(train_idx), len(val_idx), n_params, "frozen" if frozen_now else "trainable")
 
@@ -249,20 +274,9 @@ def train(
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
         model.train()
         total, n = 0.0, 0
-        for img, seg_t, ori_t in loader:
-            img = img.to(dev, non_blocking=True)
-            if dev.type == "cuda":
-                img = img.contiguous(memory_format=torch.channels_last)
-            seg_t, ori_t = seg_t.to(dev, non_blocking=True), ori_t.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                seg, ori = model(_normalise(img, model))
-                loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += float(loss.detach()) * len(img)
-            n += len(img)
+        for batch in loader:
+            total += train_step(model, optimizer, scaler, batch, dev, cfg) * len(batch[0])
+            n += len(batch[0])
         metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan")})}
         metrics["seconds"] = time.perf_counter() - t0
         metrics["encoder_frozen"] = frozen_now

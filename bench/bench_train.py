@@ -1,0 +1,97 @@
+"""Benchmark of the training loop (step 3). Prints figures; asserts nothing.
+
+  python bench/bench_train.py [--backbone resnet34] [--tile 256] [--batch 8] [--steps 8] [--device cpu|cuda]
+
+* samples/s through the real training loop (DataLoader from Classified Tiles in memory,
+  augmentation, loss, optimiser) versus bare training steps on tensors already in
+  memory, same model and batch; their ratio (goal >= 0.9);
+* per-step speed-up of the frozen encoder over full fine-tuning (goal >= 1.8x for LinkNet-34).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from roadxfer.data import Augment, TrainSet, load_tiles  # noqa: E402
+from roadxfer.demo import write_scene  # noqa: E402
+from roadxfer.labels import LabelSettings, rasterize_scene  # noqa: E402
+from roadxfer.model import ModelSpec, MultiTaskRoadModel  # noqa: E402
+from roadxfer.tiles import TileSettings, export_tiles  # noqa: E402
+from roadxfer.train import TrainConfig, _attach_norm, make_optimizer, make_scaler, pick_device, set_threads, train_step  # noqa: E402
+
+ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
+
+
+def timed_steps(model, optimizer, scaler, batches, dev, cfg) -> float:
+    """Seconds per step over ``batches`` (an iterable), after one warm-up step."""
+    it = iter(batches)
+    train_step(model, optimizer, scaler, next(it), dev, cfg)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for batch in it:
+        train_step(model, optimizer, scaler, batch, dev, cfg)
+        n += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="resnet34")
+    ap.add_argument("--arch", default="linknet")
+    ap.add_argument("--tile", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    workers = set_threads(args.threads)
+    dev = pick_device(args.device)
+    cfg = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        write_scene(21, tmp / "s.tif", tmp / "s.gpkg", size=1024)
+        rasterize_scene(tmp / "s.tif", tmp / "s.gpkg", tmp / "l.tif", tmp / "o.tif", tmp / "s.json", LabelSettings())
+        export_tiles(tmp / "s.tif", tmp / "l.tif", tmp / "o.tif", tmp / "t", TileSettings(tile_size=args.tile, stride=args.tile // 4, keep="all"))
+        data = load_tiles([tmp / "t"], ROAD)
+    n_needed = args.batch * (args.steps + 1)
+    idx = torch.arange(n_needed) % len(data)
+    dataset = TrainSet(data, idx.numpy(), Augment(), 10, 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda")
+    in_memory = [tuple(t.to(dev) for t in b) for b in torch.utils.data.DataLoader(dataset, batch_size=args.batch, drop_last=True)]
+
+    def fresh(frozen: bool):
+        torch.manual_seed(0)
+        model = MultiTaskRoadModel(ModelSpec(arch=args.arch, backbone=args.backbone, orientation_bins=18)).to(dev)
+        if dev.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        _attach_norm(model, [0.5] * 3, [0.25] * 3, dev)
+        model.freeze_encoder(frozen)
+        model.train()
+        return model, make_optimizer(model, cfg, encoder_trainable=not frozen), make_scaler(dev)
+
+    print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile}, batch {args.batch}, {args.steps} timed steps, torch threads {torch.get_num_threads()}, loader workers {workers}")
+    res = {}
+    for frozen in (False, True):
+        m, o, s = fresh(frozen)
+        bare = timed_steps(m, o, s, in_memory, dev, cfg)
+        m, o, s = fresh(frozen)
+        loop = timed_steps(m, o, s, loader, dev, cfg)
+        res[frozen] = bare
+        label = "frozen encoder" if frozen else "full fine-tune"
+        print(f"{label:15s} real loop {args.batch / loop:7.2f} samples/s   bare step {args.batch / bare:7.2f} samples/s   ratio {bare / loop:.2f} (goal >= 0.9)")
+    print(f"frozen-encoder speed-up per step: {res[False] / res[True]:.2f}x (goal >= 1.8x for LinkNet-34)")
+
+
+if __name__ == "__main__":
+    main()
