@@ -6,7 +6,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The defaults, found wherever snakemake runs; --configfile files are merged over them.
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "rules/common.smk"
@@ -14,6 +15,7 @@ include: "rules/demo.smk"
 include: "rules/labels.smk"
 include: "rules/tiles.smk"
 include: "rules/train.smk"
+include: "rules/classify.smk"
 
 
 rule all:

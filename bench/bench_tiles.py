@@ -21,14 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.transform import from_origin
 from shapely.geometry import LineString
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from roadxfer.demo import render_scene  # noqa: E402
+from common import tiled_demo_image  # noqa: E402
 from roadxfer.labels import LabelSettings, rasterize_scene  # noqa: E402
-from roadxfer.raster import GTIFF_PROFILE  # noqa: E402
 from roadxfer.tiles import TileSettings, export_tiles, tile_windows  # noqa: E402
 
 
@@ -36,13 +34,7 @@ def make_scene(folder: Path, size: int) -> tuple[Path, Path, Path]:
     """A large scene made by tiling a demo scene, with a grid of road lines as labels."""
     import geopandas as gpd
 
-    base, _ = render_scene(5, 1024, "mixed")
-    reps = -(-size // 1024)
-    img = np.tile(base, (1, reps, reps))[:, :size, :size]
-    transform = from_origin(600_000, 4_000_000, 0.3, 0.3)
-    image = folder / f"scene{size}.tif"
-    with rasterio.open(image, "w", **{**GTIFF_PROFILE, "width": size, "height": size, "count": 3, "dtype": "uint8", "crs": "EPSG:32611", "transform": transform}) as dst:
-        dst.write(img)
+    image = tiled_demo_image(folder / f"scene{size}.tif", size)
     extent = size * 0.3
     lines = [LineString([(600_000, 4_000_000 - y), (600_000 + extent, 4_000_000 - y - 7)]) for y in np.arange(30, extent, 60)]
     lines += [LineString([(600_000 + x, 4_000_000), (600_000 + x + 5, 4_000_000 - extent)]) for x in np.arange(30, extent, 60)]

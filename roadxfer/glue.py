@@ -52,3 +52,10 @@ def tile_settings(tiles_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]
         classes=tuple(dict(c) for c in classes),
         orientation_bin_size=bin_size,
     )
+
+
+def classify_settings(cfg: Mapping[str, Any]) -> Any:
+    from .classify import ClassifySettings
+
+    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length")
+    return ClassifySettings(**{k: cfg[k] for k in keys if k in cfg})

@@ -56,6 +56,10 @@ class MultiTaskRoadModel(nn.Module):
         features = self.encoder(x)
         return self.seg_head(self.seg_decoder(features)), self.orient_head(self.orient_decoder(features))
 
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Road-mask logits only: classification needs no orientation, and this halves the decoding."""
+        return self.seg_head(self.seg_decoder(self.encoder(x)))
+
     def heads(self) -> list[nn.Module]:
         return [self.seg_head, self.orient_head]
 

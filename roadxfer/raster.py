@@ -68,6 +68,7 @@ def image_info(
             count, dtypes, nodata = src.count, src.dtypes, src.nodata
             width, height = src.width, src.height
             colorinterp = list(src.colorinterp)
+            mask_like_last = _looks_like_mask(src, count) if count > 1 else False
     except rasterio.errors.RasterioError as exc:
         raise InputError(path, f"cannot be read as a raster ({exc})", "check the file is a valid GeoTIFF or other GDAL raster") from exc
     if crs is None:
@@ -78,8 +79,8 @@ def image_info(
     for i, ci in enumerate(colorinterp, start=1):
         if ci == ColorInterp.alpha:
             alpha = i
-    if alpha is None and count - 1 in allowed_band_counts and count not in allowed_band_counts:
-        alpha = count  # e.g. RGB + all-255 mask band exported without the alpha tag
+    if alpha is None and mask_like_last and count - 1 in allowed_band_counts and count not in allowed_band_counts:
+        alpha = count  # e.g. RGB + a 0/255 mask band exported without the alpha tag
     bands = tuple(i for i in range(1, count + 1) if i != alpha)
     if len(bands) not in allowed_band_counts:
         raise InputError(
@@ -95,6 +96,13 @@ def image_info(
             "rescale it to 8 bit (`gdal_translate -ot Byte -scale`) or set `image.rescale` in the config",
         )
     return ImageInfo(path, width, height, crs, transform, count, dtype, nodata, bands, alpha)
+
+
+def _looks_like_mask(src: rasterio.DatasetReader, band: int) -> bool:
+    """True when ``band`` holds only 0 and 255 (checked on a decimated read: cheap on big scenes)."""
+    h, w = min(src.height, 256), min(src.width, 256)
+    values = np.unique(src.read(band, out_shape=(h, w)))
+    return set(values.tolist()) <= {0, 255}
 
 
 def read_window(src: rasterio.DatasetReader, info: ImageInfo, window: Window) -> tuple[np.ndarray, np.ndarray]:

@@ -61,10 +61,19 @@ def all_targets():
     targets = [f"results/datasets/{role}.json" for role in TRAINING_ROLES if scenes_with_role(role)]
     targets += [f"results/labels/{s}/summary.json" for s in scenes_with_role("test")]
     targets += [f"results/models/{m}" for m in config["models"] if model_datasets(m)]
+    targets += expand(
+        "results/classified/{model}/{scene}/classes.tif",
+        model=CLASSIFY_MODELS,
+        scene=scenes_with_role("test", "predict"),
+    )
     return targets
 
 
 MODELS = config["models"]
+CLASSIFY_MODELS = [m for m in config["classify"]["models"] if m in MODELS]
+_unknown = sorted(set(config["classify"]["models"]) - set(MODELS))
+if _unknown:
+    raise InputError(None, f"classify.models names unknown model(s) {_unknown}", f"use names from `models:` ({sorted(MODELS)})")
 
 
 def model_datasets(name):

@@ -23,7 +23,9 @@ def tiny_workflow(tmp: Path, rows: list[str] | None = None, extra: str = "") -> 
     (tmp / "cfg.yaml").write_text(
         "scenes: scenes.tsv\n"
         "demo: {size: 256, scenes: {b1: {seed: 1}, t1: {seed: 11, kind: rural}, x1: {seed: 101}}}\n"
-        "tiles: {tile_size: 128, stride: 128}\n" + extra
+        "tiles: {tile_size: 64, stride: 64}\n"
+        "training: {backbone: resnet18, epochs: 1, batch_size: 4, patience: 0}\n"
+        "resources: {train: {threads: 1, gpu: 0}, classify: {threads: 1, gpu: 0}}\n" + extra
     )
     rows = rows or [
         "b1\tresources/demo/b1.tif\tresources/demo/b1.gpkg\troads\troad_type = 'paved'\tbase",
@@ -44,7 +46,7 @@ def test_dry_run_of_the_whole_demo_workflow():
     out = smk("--dry-run", "--forceall", "--cores", "2")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model"):
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model", "classify_scene"):
         assert rule in text
 
 
@@ -78,9 +80,17 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for role in ("base", "transfer"):
         manifest = json.loads((wf / "results" / "datasets" / f"{role}.json").read_text())
-        assert manifest["tiles"] > 0 and manifest["tile_size"] == 128
+        assert manifest["tiles"] > 0 and manifest["tile_size"] == 64
     with rasterio.open(wf / "resources/demo/x1.tif") as img, rasterio.open(wf / "results/labels/x1/label.tif") as lab:
         assert (lab.transform, lab.shape, lab.crs) == (img.transform, img.shape, img.crs)
     assert (wf / "logs/labels/b1.log").read_text()
     assert (wf / "benchmarks/labels/b1.tsv").is_file()
     assert (wf / "results/tiles/t1/images").is_dir()
+    for model in ("base", "transfer", "scratch"):
+        assert (wf / f"results/models/{model}/{model}.emd").is_file()
+        out = wf / f"results/classified/{model}/x1"
+        with rasterio.open(out / "classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
+            assert (c.transform, c.shape, c.crs) == (img.transform, img.shape, img.crs)
+        assert (out / "probability.tif").is_file() and (out / "centrelines.gpkg").is_file()
+    parent = json.loads((wf / "results/models/transfer/transfer.emd").read_text())["roadxfer"]["parent"]
+    assert parent["name"] == "base"

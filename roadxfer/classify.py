@@ -1,0 +1,284 @@
+"""Step 4: classify whole scenes with a model package, seamlessly and in bounded memory.
+
+The scene is read one strip of tile rows at a time. Tiles overlap; their predictions are
+blended with a weight window that is zero in a ``margin`` along edges shared with a
+neighbouring tile (where the model sees padding) and rises with a raised cosine across
+the rest of the overlap, so there are no seams. The last row/column of tiles is aligned
+to the scene edge instead of padding. Accumulators cover one band of rows only; finished
+rows are written out at once, so memory does not depend on the scene's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import torch
+from rasterio.windows import Window
+
+from . import IGNORE_VALUE
+from .atomic import atomic_path
+from .errors import InputError
+from .package import Package, load_package
+from .raster import GTIFF_PROFILE, ImageInfo, image_info, read_window
+from .train import amp_dtype, pick_device, set_threads
+
+log = logging.getLogger(__name__)
+
+PredictFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a batch of tiles (B, bands, T, T), float 0-1, to class probabilities (B, K, T, T)."""
+
+
+@dataclass(frozen=True)
+class ClassifySettings:
+    batch_size: int = 8
+    tile_size: int | None = None  # default: the model's
+    overlap: int | None = None  # pixels shared by neighbouring tiles; default tile/4
+    margin: int | None = None  # border pixels given no weight next to a neighbour; default overlap/4
+    tta: bool = False  # average over flips and 90-degree rotations
+    threshold: float | None = None  # road where P(road) >= threshold; default: most probable class
+    probability: bool = True
+    probability_dtype: str = "uint8"  # uint8 (0-250 = 0-1, 255 nodata) | float32
+    centrelines: bool = True
+    min_line_length: float = 5.0  # metres: shorter centreline pieces are dropped
+    cell_size_tolerance: float = 2.0  # warn when scene and model cell sizes differ by more than this factor
+    device: str | None = None
+
+
+def starts(n: int, tile: int, stride: int) -> list[int]:
+    """Tile offsets along one axis; the last tile is aligned to the edge (one tile if n <= tile)."""
+    if n <= tile:
+        return [0]
+    s = list(range(0, n - tile + 1, stride))
+    if s[-1] != n - tile:
+        s.append(n - tile)
+    return s
+
+
+def edge_weights(tile: int, overlap: int, margin: int, before: bool, after: bool) -> np.ndarray:
+    """1-D blend weights: zero over ``margin`` and a raised cosine over the rest of ``overlap`` on shared edges."""
+    w = np.ones(tile, np.float64)
+    ramp_len = overlap - 2 * margin
+    ramp = np.sin(0.5 * np.pi * (np.arange(ramp_len) + 0.5) / ramp_len) ** 2 if ramp_len > 0 else np.zeros(0)
+    if before:
+        w[:margin] = 0
+        w[margin : margin + ramp_len] = ramp
+    if after:
+        w[tile - margin :] = 0
+        w[tile - margin - ramp_len : tile - margin] = np.minimum(w[tile - margin - ramp_len : tile - margin], ramp[::-1])
+    return w
+
+
+def check_geometry(tile: int, overlap: int, margin: int) -> None:
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be >= 0 and smaller than the tile size {tile}")
+    if overlap and not 0 <= 2 * margin < overlap:
+        raise ValueError(f"margin {margin} must be less than half the overlap {overlap}, or no pixel between two tiles gets a weight")
+
+
+def stitch(
+    src: rasterio.DatasetReader,
+    info: ImageInfo,
+    predict: PredictFn,
+    n_out: int,
+    *,
+    tile: int,
+    overlap: int,
+    margin: int,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+    """Yield ``(row offset, blended probabilities (K, h, W) on device, valid mask (h, W))`` strip by strip."""
+    check_geometry(tile, overlap, margin)
+    H, W = info.height, info.width
+    stride = tile - overlap
+    rows, cols = starts(H, tile, stride), starts(W, tile, stride)
+    Wp = max(W, tile)
+    num = torch.zeros((n_out, tile, Wp), dtype=torch.float32, device=device)
+    den = torch.zeros((tile, Wp), dtype=torch.float32, device=device)
+    valid = np.zeros((tile, Wp), bool)
+    weight_cache: dict[tuple[bool, bool, bool, bool], torch.Tensor] = {}
+    total, done = len(rows) * len(cols), 0
+    for ri, y in enumerate(rows):
+        strip, strip_valid = read_window(src, info, Window(0, y, Wp, tile))
+        valid |= strip_valid
+        top, bottom = y > 0, y + tile < H
+        for b0 in range(0, len(cols), batch_size):
+            batch_cols = cols[b0 : b0 + batch_size]
+            batch = np.stack([strip[:, :, c : c + tile] for c in batch_cols])
+            x = torch.from_numpy(batch).to(device, non_blocking=True).float().div_(255.0)
+            probs = predict(x)
+            for k, c in enumerate(batch_cols):
+                key = (top, bottom, c > 0, c + tile < W)
+                if key not in weight_cache:
+                    wy = edge_weights(tile, overlap, margin, top, bottom)
+                    wx = edge_weights(tile, overlap, margin, key[2], key[3])
+                    weight_cache[key] = torch.from_numpy(np.outer(wy, wx)).float().to(device)
+                wt = weight_cache[key]
+                num[:, :, c : c + tile] += probs[k].float() * wt
+                den[:, c : c + tile] += wt
+            done += len(batch_cols)
+            if progress:
+                progress(done, total)
+        final_end = rows[ri + 1] if ri + 1 < len(rows) else H
+        h = min(final_end - y, H - y)
+        out = num[:, :h, :W] / den[:h, :W].clamp_min(1e-12)
+        yield y, out, valid[:h, :W] & (den[:h, :W] > 0).cpu().numpy()
+        if ri + 1 < len(rows):
+            shift = final_end - y  # rows of the buffer that are finished
+            keep = tile - shift
+            num[:, :keep] = num[:, shift:].clone()
+            den[:keep] = den[shift:].clone()
+            valid[:keep] = valid[shift:]
+            num[:, keep:] = 0
+            den[keep:] = 0
+            valid[keep:] = False
+
+
+def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False) -> PredictFn:
+    """Softmax class probabilities of the package's model; mixed precision on CUDA; optional TTA."""
+    model = pkg.model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    mean = torch.tensor(pkg.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(pkg.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    dtype = amp_dtype(device)
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = (x - mean) / std
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return torch.softmax(model.segment(x).float(), 1)
+
+    if not tta:
+        return run
+
+    def run_tta(x: torch.Tensor) -> torch.Tensor:
+        acc = None
+        for flip in (False, True):
+            xf = x.flip(-1) if flip else x
+            for k in range(4):
+                p = run(torch.rot90(xf, k, (-2, -1)))
+                p = torch.rot90(p, -k, (-2, -1))
+                p = p.flip(-1) if flip else p
+                acc = p if acc is None else acc + p
+        return acc / 8
+
+    return run_tta
+
+
+def _cell_size_m(info: ImageInfo) -> float:
+    if info.crs.is_geographic:
+        return info.cell_size * 111_320.0
+    return info.cell_size * float(info.crs.linear_units_factor[1])
+
+
+def classify_scene(
+    image: str | Path,
+    package: str | Path | Package,
+    out_class: str | Path,
+    *,
+    out_probability: str | Path | None = None,
+    out_centrelines: str | Path | None = None,
+    settings: ClassifySettings = ClassifySettings(),
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Classify one scene; returns a summary (tiles, seconds, megapixels/s)."""
+    set_threads(threads)
+    device = pick_device(settings.device)
+    pkg = package if isinstance(package, Package) else load_package(package, device=device)
+    info = image_info(image, allowed_band_counts=(pkg.spec.in_channels,), allowed_dtypes=(pkg.emd.get("DataType", "uint8"),))
+    tile = settings.tile_size or pkg.tile_size
+    if tile % 32:
+        raise InputError(None, f"tile_size {tile} is not a multiple of 32", "the model downsamples by 32: use 256, 512, ...")
+    overlap = settings.overlap if settings.overlap is not None else tile // 4
+    margin = settings.margin if settings.margin is not None else overlap // 4
+    model_cell = pkg.emd.get("CellSize")
+    if model_cell:
+        ratio = _cell_size_m(info) / float(model_cell)
+        if not 1 / settings.cell_size_tolerance <= ratio <= settings.cell_size_tolerance:
+            log.warning("%s has %.3g m cells but the model was trained at %.3g m (x%.2f): results may be poor; resample the scene (gdalwarp -tr) to the model's cell size",
+                        image, _cell_size_m(info), model_cell, ratio)
+    values = np.array([0] + [int(c["Value"]) for c in pkg.classes], np.uint8)
+    n_out = len(values)
+    predict = model_predict_fn(pkg, device, tta=settings.tta)
+    profile = {**GTIFF_PROFILE, "width": info.width, "height": info.height, "count": 1, "crs": info.crs, "transform": info.transform}
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= 10 or done == total:
+            last[0] = now
+            el = now - t0
+            log.info("%s: tiles %d/%d (%.0f%%), %.1f tiles/s, %.2f Mpx/s", Path(image).name, done, total, 100 * done / total, done / el, done * tile * tile / el / 1e6)
+
+    with tempfile.TemporaryDirectory(dir=Path(out_class).parent if Path(out_class).parent.exists() else None) as scratch:
+        scratch = Path(scratch)
+        cls_tmp, prob_tmp = scratch / "class.tif", scratch / "prob.tif"
+        prob_dtype = settings.probability_dtype
+        with rasterio.open(image) as src, rasterio.open(cls_tmp, "w", **profile, dtype="uint8", nodata=IGNORE_VALUE) as cls_dst:
+            prob_dst = None
+            if out_probability:
+                prob_nodata = IGNORE_VALUE if prob_dtype == "uint8" else np.nan
+                prob_dst = rasterio.open(prob_tmp, "w", **{**profile, "predictor": 2 if prob_dtype == "uint8" else 3}, dtype=prob_dtype, nodata=prob_nodata)
+            try:
+                for y, probs, valid in stitch(src, info, predict, n_out, tile=tile, overlap=overlap, margin=margin, batch_size=settings.batch_size, device=device, progress=progress):
+                    road = 1 - probs[0]
+                    if settings.threshold is not None and n_out == 2:
+                        idx = (road >= settings.threshold).to(torch.uint8)
+                    else:
+                        idx = probs.argmax(0).to(torch.uint8)
+                    cls = values[idx.cpu().numpy()]
+                    cls[~valid] = IGNORE_VALUE
+                    win = Window(0, y, info.width, cls.shape[0])
+                    cls_dst.write(cls, 1, window=win)
+                    if prob_dst is not None:
+                        p = road.cpu().numpy()
+                        if prob_dtype == "uint8":
+                            p = np.round(p * 250).astype(np.uint8)
+                            p[~valid] = IGNORE_VALUE
+                        else:
+                            p = p.astype(np.float32)
+                            p[~valid] = np.nan
+                        prob_dst.write(p, 1, window=win)
+            finally:
+                if prob_dst is not None:
+                    prob_dst.close()
+        seconds = time.perf_counter() - t0
+        with atomic_path(out_class) as tmp:
+            write_cog(cls_tmp, tmp, categorical=True)
+        if out_probability:
+            with atomic_path(out_probability) as tmp:
+                write_cog(prob_tmp, tmp, categorical=False)
+    lines = None
+    if out_centrelines:
+        from .centrelines import centrelines_from_raster
+
+        lines = centrelines_from_raster(out_class, out_centrelines, classes=pkg.classes, min_length=settings.min_line_length)
+    n_tiles = count_tiles(info.height, info.width, tile, overlap)
+    summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": info.width * info.height / seconds / 1e6, "device": str(device), "centrelines": lines}
+    log.info("%s classified in %.1f s (%.2f Mpx/s) on %s", image, seconds, summary["megapixels_per_s"], device)
+    return summary
+
+
+def write_cog(src_path: Path, dst_path: Path, *, categorical: bool) -> None:
+    """Copy a tiled GeoTIFF to a Cloud-Optimised GeoTIFF with overviews."""
+    rasterio.shutil.copy(src_path, dst_path, driver="COG", compress="DEFLATE", predictor="YES" if not categorical else "NO",
+                         overview_resampling="MODE" if categorical else "AVERAGE", blocksize=512)
+
+
+def count_tiles(height: int, width: int, tile: int, overlap: int) -> int:
+    return len(starts(height, tile, tile - overlap)) * len(starts(width, tile, tile - overlap))
+

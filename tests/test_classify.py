@@ -1,0 +1,133 @@
+"""Step 4: whole-scene classification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F
+from conftest import make_raster
+
+from roadxfer import IGNORE_VALUE
+from roadxfer import centrelines as cl
+from roadxfer.classify import ClassifySettings, classify_scene, edge_weights, starts, stitch
+from roadxfer.errors import InputError
+from roadxfer.model import ModelSpec, MultiTaskRoadModel
+from roadxfer.package import build_emd, write_package
+from roadxfer.raster import image_info
+
+KERNEL = torch.arange(1, 26, dtype=torch.float32).view(1, 1, 5, 5) / 325.0  # asymmetric: catches flips/shifts
+
+
+def conv_model(x: torch.Tensor) -> torch.Tensor:
+    """A model whose exact answer is known: a fixed 5x5 convolution (zero padding) of each band."""
+    y = F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), KERNEL, padding=2).reshape(x.shape)
+    return torch.cat([y, 1 - y[:, :1]], 1)  # 4 output channels
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap", "margin"), [((100, 75), 32, 16, 4), ((64, 64), 64, 16, 4), ((20, 25), 32, 8, 2), ((97, 131), 32, 8, 2), ((70, 70), 32, 12, 3)])
+def test_stitching_equals_whole_image(tmp_path, size, tile, overlap, margin):
+    image = make_raster(tmp_path / "img.tif", size=size)
+    info = image_info(image)
+    with rasterio.open(image) as src:
+        whole = conv_model(torch.from_numpy(src.read()).float()[None] / 255.0)[0].numpy()
+        got = np.full(whole.shape, np.nan, np.float32)
+        for y, probs, valid in stitch(src, info, conv_model, 4, tile=tile, overlap=overlap, margin=margin, batch_size=3, device=torch.device("cpu")):
+            got[:, y : y + probs.shape[1]] = probs.numpy()
+            assert valid.all()
+    assert not np.isnan(got).any()  # every row and column written, including the last ones
+    np.testing.assert_allclose(got, whole, atol=1e-5)
+
+
+def test_blend_weights_cover_every_pixel():
+    for n, tile, overlap, margin in ((1000, 256, 64, 16), (300, 128, 32, 8), (129, 128, 40, 10)):
+        cover = np.zeros(n)
+        s = starts(n, tile, tile - overlap)
+        for i, x in enumerate(s):
+            cover[x : x + tile] += edge_weights(tile, overlap, margin, i > 0, i < len(s) - 1)
+        assert (cover > 0).all() and s[-1] + tile == n
+    w = edge_weights(64, 16, 4, True, True)
+    assert (w[:4] == 0).all() and (w[-4:] == 0).all() and (w[16:48] == 1).all()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    """An untrained but complete package (weights + .emd): enough to test the plumbing."""
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="resnet18", orientation_bins=18)
+    model = MultiTaskRoadModel(spec)
+    emd = build_emd("m", spec, tile_size=64, classes=[{"value": 1, "name": "road"}], bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.5, provenance={})
+    return write_package(tmp_path_factory.mktemp("pkg") / "m", model, emd)
+
+
+def test_outputs_on_input_grid_with_nodata(tmp_path, package):
+    image = make_raster(tmp_path / "img.tif", size=(90, 130), alpha_zero=(slice(0, 90), slice(0, 20)))
+    out = tmp_path / "out"
+    summary = classify_scene(image, package, out / "c.tif", out_probability=out / "p.tif", out_centrelines=out / "l.gpkg", settings=ClassifySettings(batch_size=4))
+    with rasterio.open(image) as src, rasterio.open(out / "c.tif") as c, rasterio.open(out / "p.tif") as p:
+        for ds in (c, p):
+            assert (ds.transform, ds.crs, ds.shape) == (src.transform, src.crs, src.shape)
+            assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+            assert ds.nodata == IGNORE_VALUE
+        cls, prob = c.read(1), p.read(1)
+    assert (cls[:, :20] == IGNORE_VALUE).all() and (prob[:, :20] == IGNORE_VALUE).all()
+    assert set(np.unique(cls[:, 20:]).tolist()) <= {0, 1}
+    assert prob[:, 20:].max() <= 250
+    assert summary["tiles"] == len(starts(90, 64, 48)) * len(starts(130, 64, 48))
+    assert (out / "l.gpkg").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["c.tif", "l.gpkg", "p.tif"]  # no temporaries left
+
+
+def test_tta_and_float32_probability(tmp_path, package):
+    image = make_raster(tmp_path / "img.tif", size=(70, 70))
+    classify_scene(image, package, tmp_path / "c.tif", out_probability=tmp_path / "p.tif", settings=ClassifySettings(tta=True, probability_dtype="float32", threshold=0.5))
+    with rasterio.open(tmp_path / "p.tif") as p:
+        prob = p.read(1)
+        assert p.dtypes[0] == "float32" and np.isfinite(prob).all() and 0 <= prob.min() and prob.max() <= 1
+    with rasterio.open(tmp_path / "c.tif") as c:
+        np.testing.assert_array_equal(c.read(1), (prob >= 0.5).astype(np.uint8))
+
+
+@pytest.mark.parametrize(("kw", "pattern"), [({"count": 2}, r"img\.tif: has 2 image band\(s\)"), ({"count": 5}, r"img\.tif: has 5 image band\(s\)"), ({"dtype": "uint16"}, r"img\.tif: has pixel type uint16")])
+def test_band_and_dtype_mismatch(tmp_path, package, kw, pattern):
+    image = make_raster(tmp_path / "img.tif", size=(64, 64), **kw)
+    with pytest.raises(InputError, match=pattern):
+        classify_scene(image, package, tmp_path / "c.tif")
+    assert not (tmp_path / "c.tif").exists()
+
+
+def test_cell_size_mismatch_warns(tmp_path, package, caplog):
+    image = make_raster(tmp_path / "img.tif", size=(64, 64), cell=2.0)
+    classify_scene(image, package, tmp_path / "c.tif")
+    assert "the model was trained at 0.5 m" in caplog.text
+
+
+def _mask_raster(path: Path, mask: np.ndarray, cell: float = 1.0) -> Path:
+    return make_raster(path, data=mask[None].astype(np.uint8), size=mask.shape, cell=cell, count=1)
+
+
+def _network() -> np.ndarray:
+    m = np.zeros((300, 300), np.uint8)
+    m[98:103, 20:221] = 1  # horizontal bar of a cross, 200 px
+    m[20:181, 118:123] = 1  # vertical bar, 160 px, crossing at (100, 120)
+    m[250:255, 30:131] = 1  # an L: 100 px east...
+    m[150:255, 126:131] = 1  # ...and 100 px north
+    return m
+
+
+@pytest.mark.parametrize("block", [2048, 64])
+def test_centrelines_of_a_known_network(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(cl, "BLOCK", block)
+    monkeypatch.setattr(cl, "HALO", 16)
+    raster = _mask_raster(tmp_path / "m.tif", _network())
+    n = cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5)
+    gdf = gpd.read_file(tmp_path / "l.gpkg")
+    assert n == len(gdf) == 5  # four arms of the cross, one L
+    arms = sorted(gdf.length.round())
+    assert arms[-1] == pytest.approx(200, abs=8)  # the L: 100 + 100
+    assert sum(arms[:-1]) == pytest.approx(200 + 160, abs=12)
+    assert set(gdf["class_value"]) == {1} and np.allclose(gdf["length_m"], gdf.length)
