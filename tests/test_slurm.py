@@ -1,0 +1,89 @@
+"""The workflow submitted through snakemake-executor-plugin-slurm to a real SLURM cluster on 127.0.0.1.
+
+Skipped, with the reason, where SLURM cannot be started (not root, packages absent);
+.ci/run installs slurm-wlm and munge so that CI runs these for real.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import rasterio
+from slurm.cluster import Cluster, why_unavailable
+from test_workflow import tiny_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+UNAVAILABLE = why_unavailable()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no SLURM cluster: {UNAVAILABLE}")
+
+SMALL = "resources: {geo: {mem_mb: 500, runtime: 10}, train: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}, classify: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}}\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+def run_on_slurm(cluster: Cluster, wf: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The slurm workflow profile, with this cluster's partitions and a squeue status command."""
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
+        "--workflow-profile", str(ROOT / "profiles" / "slurm"),
+        "--configfile", "cfg.yaml",
+        "--default-resources", "slurm_partition=cpu", "mem_mb=500", "runtime=10",
+        "--set-resources", "train_model:slurm_partition=gpu", "classify_scene:slurm_partition=gpu",
+        "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-keep-successful-logs",
+        "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
+        "--jobs", "4", "--retries", "0", *extra,
+    ]
+    return subprocess.run(cmd, cwd=wf, env={**cluster.env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=1200)
+
+
+def test_workflow_runs_through_sbatch(cluster, tmp_path):
+    wf = tiny_workflow(tmp_path, extra=SMALL)
+    before = {j["id"] for j in cluster.jobs()}
+    out = run_on_slurm(cluster, wf)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    jobs = [j for j in cluster.jobs() if j["id"] not in before]
+    rules = Counter(j["comment"].split("_wildcards_")[0].removeprefix("rule_") for j in jobs)
+    # Every job of the DAG went through sbatch (the target rule `all` runs in the driver).
+    assert rules == {"demo_scene": 3, "rasterize_labels": 3, "export_tiles": 2, "gather_tiles": 2, "train_model": 3, "classify_scene": 3}
+    assert all(j["state"] == "COMPLETED" for j in jobs)
+    for j in jobs:
+        gpu_rule = j["comment"].startswith(("rule_train_model", "rule_classify_scene"))
+        assert j["partition"] == ("gpu" if gpu_rule else "cpu"), j
+        assert ("TresPerJob=gres:gpu:1" in cluster.job_details(j["id"])) == gpu_rule, j  # rule resource gpu: 1 -> sbatch --gpus=1
+    logs = list((wf / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert len(logs) >= len(jobs)
+    with rasterio.open(wf / "results/classified/transfer/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
+        assert (c.transform, c.shape) == (img.transform, img.shape)
+    assert (wf / "results/models/transfer/transfer.emd").is_file()
+
+
+def test_failing_rule_fails_the_run_and_points_at_its_log(cluster, tmp_path):
+    wf = tiny_workflow(tmp_path, extra=SMALL)
+    # A test scene whose labels carry class value 0: rasterize_labels must fail on the cluster.
+    import geopandas as gpd
+    from shapely.geometry import LineString
+
+    (wf / "bad").mkdir()
+    gpd.GeoDataFrame({"Classvalue": [0]}, geometry=[LineString([(640_300, 3_999_990), (640_320, 3_999_980)])], crs="EPSG:32611").to_file(wf / "bad/zero.gpkg")
+    with open(wf / "scenes.tsv", "a") as f:
+        f.write("bad1\tresources/demo/x1.tif\tbad/zero.gpkg\t\t\ttest\n")
+    out = run_on_slurm(cluster, wf, "--until", "rasterize_labels")
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "Error in rule rasterize_labels" in text
+    assert "logs/labels/bad1.log" in text
+    assert "slurm_logs" in text or ".snakemake/slurm_logs" in text
+    log = (wf / "logs/labels/bad1.log").read_text()
+    assert "zero.gpkg" in log and "class value 0" in log
+    assert not (wf / "results/labels/bad1/label.tif").exists()
