@@ -7,6 +7,7 @@ finished epoch and ends with the same weights as an uninterrupted run (same seed
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -15,8 +16,9 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ class TrainConfig:
     orientation_bin_size: int = 10
     augment: dict[str, Any] = field(default_factory=lambda: {"flips": True, "rot90": True, "color_jitter": 0.1})
     zip_dlpk: bool = False
+    stage_tiles: bool = False  # copy the tile folders to node-local $TMPDIR before reading them
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -196,7 +199,9 @@ def train(
     """Train one model and write its package; returns the best validation metrics."""
     workers = set_threads(threads)
     dev = pick_device(device)
-    data = load_tiles(datasets, classes)
+    with stage(datasets, cfg.stage_tiles) as local:
+        data = load_tiles(local, classes)
+    data.sources = [str(d) for d in datasets]
     bins = n_bins(cfg.orientation_bin_size)
     spec = ModelSpec(arch=cfg.arch, backbone=cfg.backbone, in_channels=data.bands, n_classes=len(classes), orientation_bins=bins)
 
@@ -310,6 +315,23 @@ def train(
     shutil.rmtree(workdir, ignore_errors=True)
     log.info("wrote %s (best epoch %d, val road IoU %.4f)", out_package, best_metrics["epoch"], best_metrics["val_road_iou"])
     return best_metrics
+
+
+@contextlib.contextmanager
+def stage(datasets: Sequence[str | Path], enabled: bool) -> Iterator[list[Path]]:
+    """Copy tile folders to node-local scratch ($TMPDIR, as SLURM sets it) for the read, if asked."""
+    scratch = os.environ.get("TMPDIR")
+    if not enabled or not scratch:
+        yield [Path(d) for d in datasets]
+        return
+    with tempfile.TemporaryDirectory(prefix="roadxfer-stage-", dir=scratch) as tmp:
+        local = []
+        for i, d in enumerate(datasets):
+            dst = Path(tmp) / f"{i:03d}-{Path(d).name}"
+            shutil.copytree(d, dst)
+            local.append(dst)
+        log.info("staged %d tile folder(s) to %s", len(local), tmp)
+        yield local
 
 
 def code_version() -> str:

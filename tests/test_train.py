@@ -233,3 +233,15 @@ def test_finished_package_is_not_replaced_by_a_failed_write(base_package, tmp_pa
         write_package(pkg, model, {"roadxfer": {}}, extras={"metrics.csv": tmp_path / "missing.csv"})
     assert (pkg / "base.pth").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_tiles_can_be_staged_on_node_local_scratch(tiles, tmp_path, monkeypatch, caplog):
+    scratch = tmp_path / "node-local"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    with caplog.at_level(logging.INFO):
+        train([tiles["base"]], tmp_path / "m", TrainConfig(**{**FAST, "epochs": 1, "stage_tiles": True}), classes=ROAD, threads=1)
+    assert f"staged 1 tile folder(s) to {scratch}" in caplog.text
+    assert list(scratch.iterdir()) == []  # cleaned up after loading
+    sources = json.loads((tmp_path / "m" / "m.emd").read_text())["roadxfer"]["training_data"]["sources"]
+    assert sources == [str(tiles["base"])]  # provenance names the real data, not the staged copy

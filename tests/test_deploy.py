@@ -1,0 +1,120 @@
+"""Static checks of per-rule software deployment: conda envs, Apptainer definitions, the driver lock.
+
+No conda channel or Apptainer binary is reachable here, so these files are checked as
+text: they parse, pin every package exactly, and agree with requirements.lock.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from spython.main.parse.parsers import SingularityParser
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVS = sorted((ROOT / "envs").glob("*.yaml"))
+DEFS = sorted((ROOT / "containers").glob("*.def"))
+PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)$")
+CONDA_PIN = re.compile(r"^([A-Za-z0-9_.\-]+)=([A-Za-z0-9_.+\-]+)$")
+SAME_NAME = {"python": None, "pip": None}  # not in the lock: the interpreter and installer themselves
+
+
+def lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        m = PIN.match(line.strip())
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def test_lock_pins_a_coherent_torch_pair():
+    pins = lock()
+    assert pins["torch"].split("+")[0] == "2.15.0" and pins["torchvision"].split("+")[0] == "0.29.2"
+    for line in (ROOT / "requirements.in").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = PIN.match(line.strip()).groups()
+            assert pins[name.lower()] == version, f"requirements.in pins {name}=={version}, the lock has {pins.get(name.lower())}"
+
+
+@pytest.mark.parametrize("env", ENVS, ids=lambda p: p.name)
+def test_conda_env_pins_exactly_and_matches_the_lock(env):
+    spec = yaml.safe_load(env.read_text())
+    assert spec["channels"][0] == "conda-forge"
+    pins = lock()
+    deps = spec["dependencies"]
+    assert deps
+    for dep in deps:
+        if isinstance(dep, dict):
+            for pip_dep in dep["pip"]:
+                m = PIN.match(pip_dep)
+                assert m, f"{env.name}: pip dependency {pip_dep!r} is not pinned with =="
+                name, version = m.groups()
+                assert pins[name.lower()] == version, f"{env.name}: {name} {version} != lock {pins.get(name.lower())}"
+            continue
+        m = CONDA_PIN.match(dep)
+        assert m, f"{env.name}: {dep!r} is not pinned exactly (name=version)"
+        name, version = m.groups()
+        if name in SAME_NAME:
+            continue
+        assert pins[name.lower()] == version, f"{env.name}: {name} {version} != lock {pins.get(name.lower())}"
+
+
+def test_gpu_env_has_cuda_torch():
+    spec = yaml.safe_load((ROOT / "envs" / "torch.yaml").read_text())
+    pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
+    assert "torch==2.15.0" in pip  # the PyPI wheel: CUDA-enabled, runs on CPU nodes too
+
+
+@pytest.mark.parametrize("definition", DEFS, ids=lambda p: p.name)
+def test_apptainer_definition(definition):
+    recipe = SingularityParser(str(definition)).recipe["spython-base"]
+    text = definition.read_text()
+    assert re.search(r"^Bootstrap: docker$", text, re.M)
+    assert recipe.fromHeader == "python:3.11.7-slim-bookworm"  # a pinned base image, no "latest"
+    install = " ".join(line.rstrip("\\ ").strip() for line in recipe.install)
+    pins = lock()
+    packages = re.findall(r"([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)", install)
+    assert packages, f"{definition.name}: %post installs no pinned package"
+    for name, version in packages:
+        assert pins[name.lower()] == version, f"{definition.name}: {name} {version} != lock {pins.get(name.lower())}"
+    assert "%test" in text and re.search(r"^%test\n\s+python -c \"import ", text, re.M)
+    assert any("org.opencontainers.image.title" in label for label in recipe.labels)
+
+
+def test_every_rule_names_a_conda_env_and_a_container():
+    rules = {}
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        for block in re.split(r"^rule ", smk.read_text(), flags=re.M)[1:]:
+            name = block.split(":", 1)[0]
+            rules[name] = block
+    assert {"demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model", "classify_scene"} <= set(rules)
+    for name, block in rules.items():
+        env = re.search(r'conda:\s*\n\s*"\.\./(envs/[^"]+)"', block)
+        assert env and (ROOT / env.group(1)).is_file(), f"rule {name} names no existing conda env"
+        assert re.search(r"container:\s*\n\s*container_for\(\"(geo|torch)\"\)", block), f"rule {name} names no container"
+        family = re.search(r'container_for\("(\w+)"\)', block).group(1)
+        assert (ROOT / "containers" / f"roadxfer-{family}.def").is_file()
+        assert env.group(1) == f"envs/{'torch' if family == 'torch' else 'geo'}.yaml", f"rule {name}: env and container families differ"
+
+
+def test_gpu_rules_request_a_gpu_and_cpu_rules_do_not():
+    text = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
+    for rule in ("train_model", "classify_scene"):
+        block = text.split(f"rule {rule}:")[1].split("\nrule ")[0]
+        assert re.search(r"gpu=res\(", block), rule
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles"):
+        block = text.split(f"rule {rule}:")[1].split("\nrule ")[0]
+        assert "gpu=" not in block, rule
+
+
+def test_slurm_profile_keeps_cluster_specifics_out_of_default_resources():
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    assert not {"cpus_per_task", "tasks", "threads"} & set(profile["default-resources"])  # they would override every rule
+    assert profile["default-resources"]["slurm_partition"].startswith("CHANGE-ME")
+    for rule in ("train_model", "classify_scene"):
+        assert profile["set-resources"][rule]["slurm_partition"].startswith("CHANGE-ME-gpu")
+    assert profile["slurm-requeue"] is True
