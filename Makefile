@@ -18,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/snakemake --workflow-profile profiles/local --configfile config/demo.yaml --cores $(CORES)
-	@echo "Demo outputs are under results/ (logs/ and benchmarks/ mirror them)."
+	@echo "Demo finished. Report: $(CURDIR)/results/report/report.html (outputs under results/, logs/ and benchmarks/ mirror them)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -31,6 +31,8 @@ dryrun: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_tiles.py
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_classify.py
 
 clean-demo:
 	rm -rf results logs benchmarks resources/demo

@@ -16,6 +16,7 @@ include: "rules/labels.smk"
 include: "rules/tiles.smk"
 include: "rules/train.smk"
 include: "rules/classify.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

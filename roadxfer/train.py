@@ -60,6 +60,8 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=lambda: {"flips": True, "rot90": True, "color_jitter": 0.1})
     zip_dlpk: bool = False
     stage_tiles: bool = False  # copy the tile folders to node-local $TMPDIR before reading them
+    keep_pretrained: bool = False  # keep what the pretrained model finds: its confident roads become labels
+    keep_threshold: float = 0.5
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -171,6 +173,33 @@ def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scal
     return float(loss.detach())
 
 
+@torch.no_grad()
+def keep_pretrained_roads(pkg: Any, data: TileData, dev: torch.device, threshold: float, batch_size: int) -> int:
+    """Label as road the background pixels the pretrained model finds road with P >= ``threshold``.
+
+    New samples usually label only the roads the old model misses; everything else is
+    background, which would teach the new model to drop the roads the old one found
+    (catastrophic forgetting). Keeping the old model's confident detections as labels
+    (pseudo-labels, as in "learning without forgetting") avoids that without its data.
+    Orientation is left unknown (ignore) for those pixels.
+    """
+    model = pkg.model.to(dev).eval()
+    mean = torch.tensor(pkg.mean, device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(pkg.std, device=dev).view(1, -1, 1, 1)
+    added = 0
+    for i in range(0, len(data), batch_size):
+        x = torch.from_numpy(data.images[i : i + batch_size]).to(dev).float() / 255.0
+        probs = torch.softmax(model.segment((x - mean) / std).float(), 1)
+        road = (1 - probs[:, 0] >= threshold).cpu().numpy()
+        cls = probs[:, 1:].argmax(1).cpu().numpy().astype(np.uint8) + 1
+        seg = data.seg[i : i + batch_size]
+        new = road & (seg == 0)
+        seg[new] = cls[new] if len(data.classes) == pkg.spec.n_classes else 1
+        data.orient[i : i + batch_size][new] = IGNORE_VALUE
+        added += int(new.sum())
+    return added
+
+
 def _normalise(img: torch.Tensor, model: MultiTaskRoadModel) -> torch.Tensor:
     return (img - model.norm_mean) / model.norm_std
 
@@ -218,6 +247,9 @@ def train(
             model.reset_heads(seg="segmentation head" in reset, orient="orientation head" in reset)
             log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s", " and ".join(reset))
         mean, std = pkg.mean, pkg.std  # the encoder was trained on inputs normalised this way
+        if cfg.keep_pretrained:
+            added = keep_pretrained_roads(pkg, data, dev, cfg.keep_threshold, cfg.batch_size)
+            log.info("keep_pretrained: %d background pixel(s) the pretrained model calls road become road labels", added)
         parent = {"path": str(pkg.path), "weights_sha256": pkg.weights_sha256, "name": pkg.path.name}
         log.info("starting from pretrained package %s (sha256 %s…)", pkg.path, pkg.weights_sha256[:12])
     else:

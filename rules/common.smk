@@ -66,6 +66,8 @@ def all_targets():
         model=CLASSIFY_MODELS,
         scene=scenes_with_role("test", "predict"),
     )
+    if scenes_with_role("test") and CLASSIFY_MODELS:
+        targets += ["results/evaluation/summary.csv", "results/report/report.html"]
     return targets
 
 
@@ -104,3 +106,24 @@ def model_training(wildcards):
     merged["freeze"] = bool(MODELS[name].get("freeze", False))
     merged["orientation_bin_size"] = config["labels"]["orientation_bin_size"]
     return merged
+
+
+def evaluation_results(wildcards):
+    return expand(
+        "results/evaluation/{model}/{scene}.json", model=CLASSIFY_MODELS, scene=scenes_with_role("test")
+    )
+
+
+def eval_settings(wildcards):
+    ev = config["evaluation"]
+    radius = ev["buffer_radius"]
+    return {
+        "road_type_field": ev["road_type_field"],
+        "road_types": ev["road_types"],
+        "buffer_radius": config["labels"]["buffer_radius"] if radius is None else radius,
+        "relaxed_pixels": ev["relaxed_pixels"],
+        "apls_spacing": ev["apls"]["node_spacing"],
+        "apls_snap": ev["apls"]["snap_distance"],
+        "apls_max_pairs": ev["apls"]["max_pairs"],
+        "ignore_windows": ev["ignore_windows"].get(wildcards.scene, []),
+    }

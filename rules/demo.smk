@@ -6,7 +6,7 @@ rule demo_scene:
     params:
         seed=lambda wc: config["demo"]["scenes"][wc.demo]["seed"],
         kind=lambda wc: config["demo"]["scenes"][wc.demo].get("kind", "mixed"),
-        size=config["demo"]["size"],
+        size=lambda wc: config["demo"]["scenes"][wc.demo].get("size", config["demo"]["size"]),
     wildcard_constraints:
         demo="|".join(config["demo"]["scenes"]) or "NO_DEMO",
     log:

@@ -46,7 +46,7 @@ def test_dry_run_of_the_whole_demo_workflow():
     out = smk("--dry-run", "--forceall", "--cores", "2")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model", "classify_scene"):
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model", "classify_scene", "evaluate_scene", "aggregate_metrics", "report"):
         assert rule in text
 
 
@@ -94,3 +94,9 @@ def test_small_demo_runs_end_to_end(tmp_path):
         assert (out / "probability.tif").is_file() and (out / "centrelines.gpkg").is_file()
     parent = json.loads((wf / "results/models/transfer/transfer.emd").read_text())["roadxfer"]["parent"]
     assert parent["name"] == "base"
+    summary = (wf / "results/evaluation/summary.csv").read_text().splitlines()
+    assert summary[0].startswith("model,road_type,tp,fp,fn")
+    assert {line.split(",")[0] for line in summary[1:]} == {"base", "transfer", "scratch"}
+    report = (wf / "results/report/report.html").read_text()
+    assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
+    assert "Did the transfer work?" in report and "weights sha256" in report

@@ -1,0 +1,224 @@
+"""The before/after report: one self-contained HTML file (images inlined), no server needed.
+
+It shows what the transfer bought: metrics per road type for the base, transfer and
+control models, bar charts, training curves, side-by-side figures of input / base /
+transfer output over windows of the test scenes, an animated GIF switching between
+base and transfer, and the provenance a paper needs (config, data, models, code).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import rasterio
+import yaml
+from PIL import Image, ImageDraw
+from rasterio.windows import Window
+
+from . import IGNORE_VALUE, __version__
+from .atomic import atomic_path
+from .train import code_version
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+OVERLAY = np.array([230, 30, 30], np.float32)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img_uri(img: Image.Image, fmt: str = "PNG", **kw: Any) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def bar_charts(summary: pd.DataFrame, models: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    types = [t for t in summary["road_type"].unique() if t != "all"] + ["all"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(len(models), 1)
+    for ax, metric in zip(axes, ("f1", "recall")):
+        for i, m in enumerate(models):
+            sub = summary[summary["model"] == m].set_index("road_type")
+            vals = [float(sub.loc[t, metric]) if t in sub.index else np.nan for t in types]
+            ax.bar(np.arange(len(types)) + (i - (len(models) - 1) / 2) * width, np.nan_to_num(vals), width, label=m)
+        ax.set_xticks(range(len(types)), types)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"pixel {metric.upper() if metric == 'f1' else metric} per road type")
+        ax.legend()
+    fig.tight_layout()
+    uri = _png(fig)
+    plt.close(fig)
+    return uri
+
+
+def pick_window(classified: Mapping[str, str], baseline: str, transfer: str, size: int) -> Window:
+    """The window where the transfer model adds the most road over the baseline (the story in one picture)."""
+    with rasterio.open(classified[transfer]) as t, rasterio.open(classified[baseline]) as b:
+        gain = ((t.read(1) == 1) & (b.read(1) != 1)).astype(np.float32)
+        h, w = t.height, t.width
+    size = min(size, h, w)
+    integral = np.pad(gain, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    step = max(size // 8, 1)
+    sub = sums[::step, ::step]
+    r, c = np.unravel_index(int(np.argmax(sub)), sub.shape)
+    return Window(c * step, r * step, size, size)
+
+
+def overlay(image: np.ndarray, cls: np.ndarray) -> Image.Image:
+    rgb = np.moveaxis(image[:3], 0, -1).astype(np.float32)
+    road = (cls > 0) & (cls != IGNORE_VALUE)
+    rgb[road] = 0.35 * rgb[road] + 0.65 * OVERLAY
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def _label(img: Image.Image, text: str) -> Image.Image:
+    img = img.copy()
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, 0, 8 * len(text) + 10, 18], fill=(0, 0, 0))
+    d.text((5, 3), text, fill=(255, 255, 255))
+    return img
+
+
+def scene_figures(scene: str, image: str, classified: Mapping[str, str], baseline: str, transfer: str, size: int) -> tuple[str, str, Window]:
+    """A side-by-side PNG (input | each model) and a GIF switching baseline <-> transfer, as data URIs."""
+    win = pick_window(classified, baseline, transfer, size)
+    with rasterio.open(image) as src:
+        img = src.read([1, 2, 3], window=win)
+    panels = [_label(Image.fromarray(np.moveaxis(img, 0, -1)), "input")]
+    frames = {}
+    for model, path in classified.items():
+        with rasterio.open(path) as src:
+            frames[model] = _label(overlay(img, src.read(1, window=win)), model)
+        panels.append(frames[model])
+    w, h = panels[0].size
+    strip = Image.new("RGB", (w * len(panels) + 6 * (len(panels) - 1), h), (255, 255, 255))
+    for i, p in enumerate(panels):
+        strip.paste(p, (i * (w + 6), 0))
+    gif = [frames[baseline], frames[transfer]]
+    buf = io.BytesIO()
+    gif[0].save(buf, format="GIF", save_all=True, append_images=gif[1:], duration=900, loop=0)
+    return _img_uri(strip), "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode(), win
+
+
+def _table(df: pd.DataFrame, cls: str = "") -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", classes=cls, border=0)
+
+
+def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | None) -> pd.DataFrame:
+    """The demo's acceptance targets, checked on the summary table."""
+    s = summary.set_index(["model", "road_type"])["f1"]
+    rows = []
+
+    def get(m: str, t: str) -> float:
+        return float(s.get((m, t), np.nan))
+
+    for t in ("unpaved", "trail"):
+        if (baseline, t) in s.index and (transfer, t) in s.index:
+            rows.append({"check": f"{t}: transfer F1 >= base F1 + 0.30", "value": f"{get(transfer, t):.3f} vs {get(baseline, t):.3f}", "pass": get(transfer, t) >= get(baseline, t) + 0.30})
+            if control and (control, t) in s.index:
+                rows.append({"check": f"{t}: transfer F1 > scratch F1", "value": f"{get(transfer, t):.3f} vs {get(control, t):.3f}", "pass": get(transfer, t) > get(control, t)})
+    if (baseline, "paved") in s.index:
+        rows.append({"check": "paved: transfer F1 >= base F1 - 0.03", "value": f"{get(transfer, 'paved'):.3f} vs {get(baseline, 'paved'):.3f}", "pass": get(transfer, "paved") >= get(baseline, "paved") - 0.03})
+    return pd.DataFrame(rows)
+
+
+def _provenance(models: Mapping[str, str]) -> pd.DataFrame:
+    rows = []
+    for name, path in models.items():
+        emd = json.loads((Path(path) / f"{Path(path).name}.emd").read_text())
+        p = emd["roadxfer"]
+        cfg = p.get("training_config", {})
+        best = p.get("best", {})
+        rows.append({
+            "model": name,
+            "architecture": f"{emd['ModelParameters']['mtl_model']}/{emd['ModelParameters']['backbone']}",
+            "parent": (p.get("parent") or {}).get("name", "—"),
+            "parent sha256": ((p.get("parent") or {}).get("weights_sha256") or "—")[:16],
+            "encoder frozen": cfg.get("freeze"),
+            "keep pretrained": cfg.get("keep_pretrained"),
+            "tiles": p.get("training_data", {}).get("tiles"),
+            "data sha256": p.get("training_data", {}).get("sha256", "")[:16],
+            "epochs": p.get("epochs_run"),
+            "best val road IoU": best.get("val_road_iou"),
+            "weights sha256": p.get("weights_sha256", "")[:16],
+            "code": p.get("code_version"),
+        })
+    return pd.DataFrame(rows)
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{padding:3px 9px;border-bottom:1px solid #ddd;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.pass{color:#070}.fail{color:#b00}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:85%}
+figure{margin:1em 0}figcaption{color:#555;font-size:90%}"""
+
+
+def write_report(
+    out_html: str | Path,
+    *,
+    summary_csv: str | Path,
+    scenes_csv: str | Path,
+    models: Mapping[str, str],
+    test_scenes: Mapping[str, str],
+    config: Mapping[str, Any],
+    scene_sheet: str | Path,
+) -> None:
+    """Write the report; every image is inlined, so the single file can be mailed or archived."""
+    summary = pd.read_csv(summary_csv)
+    per_scene = pd.read_csv(scenes_csv)
+    ev = config.get("evaluation", {})
+    baseline, transfer, control = ev.get("baseline", "base"), ev.get("transfer", "transfer"), ev.get("control")
+    names = list(models)
+    cols = ["model", "road_type", "precision", "recall", "f1", "iou", "relaxed_precision", "relaxed_recall", "relaxed_f1"] + (["apls"] if "apls" in summary else [])
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>roadxfer report</title><style>{CSS}</style></head><body>",
+             "<h1>roadxfer: transfer learning report</h1>",
+             f"<p>Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by roadxfer {__version__}, code <code>{html.escape(code_version())}</code>. "
+             f"Models: {', '.join(names)}. Test scenes: {', '.join(test_scenes)}.</p>"]
+    if baseline in names and transfer in names:
+        t = targets(summary, baseline, transfer, control if control in names else None)
+        if len(t):
+            t["pass"] = ["<span class='pass'>yes</span>" if p else "<span class='fail'>no</span>" for p in t["pass"]]
+            parts += ["<h2>Did the transfer work?</h2>", t.to_html(index=False, escape=False, border=0)]
+    parts += ["<h2>Metrics per model and road type (all test scenes)</h2>",
+              "<p>Pixel metrics against the buffered reference lines; each predicted pixel is attributed to the road type whose reference is nearest. "
+              f"Relaxed metrics accept a match within {ev.get('relaxed_pixels', 3)} px. APLS compares predicted centrelines with the reference polylines (average over scenes).</p>",
+              _table(summary[[c for c in cols if c in summary]]), f"<img alt='bar charts' src='{bar_charts(summary, names)}'>",
+              "<h3>Per scene</h3>", _table(per_scene[[c for c in cols + ['scene'] if c in per_scene]])]
+    if baseline in names and transfer in names:
+        parts.append("<h2>Before and after</h2>")
+        for scene, image in test_scenes.items():
+            classified = {m: f"results/classified/{m}/{scene}/classes.tif" for m in names}
+            if not all(Path(p).is_file() for p in classified.values()):
+                continue
+            strip, gif, win = scene_figures(scene, image, classified, baseline, transfer, int(ev.get("report_window", 384)))
+            parts += [f"<figure><img alt='{scene} side by side' src='{strip}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
+                      f"columns {win.col_off}-{win.col_off + win.width}: input and each model's roads (red).</figcaption></figure>",
+                      f"<figure><img alt='{scene} base vs transfer' src='{gif}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
+    parts.append("<h2>Training curves</h2>")
+    for name, path in models.items():
+        png = Path(path) / "ModelCharacteristics" / "loss_graph.png"
+        if png.is_file():
+            parts.append(f"<figure><img alt='{name} training' src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'><figcaption>{html.escape(name)}</figcaption></figure>")
+    parts += ["<h2>Provenance</h2>", "<h3>Models</h3>", _table(_provenance(models)),
+              "<h3>Scenes</h3>", _table(pd.read_csv(scene_sheet, sep="\t", dtype=str, keep_default_na=False)),
+              "<h3>Configuration</h3>", f"<pre>{html.escape(yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False))}</pre>",
+              "<p>Demo imagery is synthetic (roadxfer.demo).</p></body></html>"]
+    with atomic_path(out_html) as tmp:
+        tmp.write_text("\n".join(parts))

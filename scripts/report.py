@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from roadxfer.glue import run_logged  # noqa: E402
+from roadxfer.report import write_report  # noqa: E402
+
+sm = snakemake  # noqa: F821
+run_logged(
+    sm,
+    lambda: write_report(
+        sm.output[0],
+        summary_csv=sm.input.summary,
+        scenes_csv=sm.input.scenes,
+        models={Path(m).name: m for m in sm.input.models},
+        test_scenes=sm.params.test_scenes,
+        config=sm.params.config,
+        scene_sheet=sm.params.scene_sheet,
+    ),
+)

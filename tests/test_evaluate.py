@@ -1,0 +1,110 @@
+"""Step 5: metrics with known answers, APLS on small graphs, aggregation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+from conftest import X0, Y0, make_raster, make_vectors
+from shapely.geometry import LineString
+
+from roadxfer.apls import apls
+from roadxfer.evaluate import EvalSettings, aggregate, counts, evaluate_scene, mask_metrics, ratios
+from roadxfer.labels import LabelSettings, rasterize_scene
+
+INF = np.full((10, 10), np.inf)
+
+
+def test_counts_and_ratios_known_answer():
+    ref = np.zeros((10, 10), bool)
+    ref[2:4, :] = True  # 20 px
+    pred = np.zeros((10, 10), bool)
+    pred[3:5, :] = True  # 20 px, 10 overlap
+    c = counts(pred, ref, np.ones((10, 10), bool), 0, INF, INF)
+    assert (c["tp"], c["fp"], c["fn"]) == (10, 10, 10)
+    r = ratios(c)
+    assert r["precision"] == r["recall"] == r["f1"] == 0.5 and r["iou"] == pytest.approx(1 / 3)
+    assert ratios({**c, "tp": 0})["f1"] == 0.0
+    assert np.isnan(ratios({k: 0 for k in c})["precision"])
+
+
+def test_relaxed_metrics_tolerate_a_small_shift():
+    ref = np.zeros((20, 20), bool)
+    ref[5, :] = True
+    pred = np.zeros((20, 20), bool)
+    pred[7, :] = True  # 2 px off
+    out = mask_metrics(pred, {"road": ref}, np.ones((20, 20), bool), rho=3)
+    r = ratios(out["road"])
+    assert r["f1"] == 0 and r["relaxed_precision"] == 1 and r["relaxed_recall"] == 1
+    r1 = ratios(mask_metrics(pred, {"road": ref}, np.ones((20, 20), bool), rho=1)["road"])
+    assert r1["relaxed_f1"] == 0
+
+
+def test_predictions_are_attributed_to_the_nearest_road_type():
+    paved = np.zeros((40, 40), bool)
+    paved[5:8, :] = True
+    trail = np.zeros((40, 40), bool)
+    trail[30:32, :] = True
+    pred = paved.copy()
+    pred[25, :] = True  # a false positive next to the trail
+    out = mask_metrics(pred, {"paved": paved, "trail": trail}, np.ones((40, 40), bool), rho=0)
+    assert ratios(out["paved"])["f1"] == 1.0
+    assert out["trail"]["tp"] == 0 and out["trail"]["fn"] == 80 and out["trail"]["fp"] == 40
+    assert out["all"]["tp"] == 120 and out["all"]["fn"] == 80
+
+
+def test_evaluate_scene_on_real_files(tmp_path):
+    image = make_raster(tmp_path / "img.tif", size=(200, 200), alpha_zero=(slice(0, 200), slice(190, 200)))
+    lines = [LineString([(X0, Y0 - 25), (X0 + 100, Y0 - 25)]), LineString([(X0, Y0 - 75), (X0 + 100, Y0 - 75)])]
+    labels = make_vectors(tmp_path / "ref.gpkg", lines, Classvalue=[1, 1], road_type=["paved", "trail"])
+    # A "prediction" that is exactly the buffered paved road.
+    rasterize_scene(image, labels, tmp_path / "pred.tif", tmp_path / "o.tif", tmp_path / "s.json", LabelSettings(buffer_radius=2.0), where="road_type = 'paved'")
+    result = evaluate_scene(image, tmp_path / "pred.tif", None, labels, tmp_path / "m.json", EvalSettings(buffer_radius=2.0, ignore_windows=[[0, 0, 10, 10]]), scene_id="s", model="m")
+    rows = {r["road_type"]: r for r in result["rows"]}
+    assert rows["paved"]["f1"] == 1.0 and rows["trail"]["recall"] == 0.0
+    assert rows["paved"]["n_ref"] == 8 * 190  # 4 m wide at 0.5 m, minus the alpha-0 columns
+    assert json.loads((tmp_path / "m.json").read_text())["model"] == "m"
+
+
+def test_aggregate_sums_counts_over_scenes(tmp_path):
+    def write(name, tp, fp, fn):
+        row = {"scene": name, "model": "m", "road_type": "all", "tp": tp, "fp": fp, "fn": fn, "relaxed_tp_pred": tp, "n_pred": tp + fp, "relaxed_tp_ref": tp, "n_ref": tp + fn}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"scene": name, "model": "m", "rows": [row], "apls": {"apls": 0.5 if name == "a" else 1.0}}))
+        return tmp_path / f"{name}.json"
+
+    summary = aggregate([write("a", 10, 0, 10), write("b", 90, 10, 0)], tmp_path / "s.csv", tmp_path / "sum.csv")
+    row = summary.iloc[0]
+    assert row["precision"] == pytest.approx(100 / 110) and row["recall"] == pytest.approx(100 / 110)  # micro, not mean of ratios
+    assert row["apls"] == pytest.approx(0.75)
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 2
+
+
+def test_apls_known_answers():
+    line = [LineString([(0, 0), (100, 0)])]
+    assert apls(line, line)["apls"] == pytest.approx(1.0)
+    assert apls(line, [LineString([(0, 1.5), (100, 1.5)])])["apls"] == pytest.approx(1.0)  # within the snap distance
+    assert apls(line, [])["apls"] == 0.0
+    # A detour: truth A-B is 100 m, the proposal goes A-C-B, 2 x 86.02 m. Only line ends are nodes (spacing 1000):
+    # one pair each way, scored against the other graph's path length.
+    detour = apls(line, [LineString([(0, 0), (50, 70), (100, 0)])], spacing=1000, snap=4)
+    lp = 2 * np.hypot(50, 70)
+    c_tp = 1 - (lp - 100) / 100
+    c_pt = 1 - (lp - 100) / lp
+    assert detour["apls_truth_to_proposal"] == pytest.approx(c_tp)
+    assert detour["apls_proposal_to_truth"] == pytest.approx(c_pt)
+    assert detour["apls"] == pytest.approx(2 / (1 / c_tp + 1 / c_pt))
+
+
+def test_apls_penalises_a_gap():
+    truth = [LineString([(0, 0), (100, 0)])]
+    gap = apls(truth, [LineString([(0, 0), (40, 0)]), LineString([(60, 0), (100, 0)])], spacing=10, snap=4)
+    assert gap["apls_proposal_to_truth"] == pytest.approx(1.0)  # every proposed path exists in the truth
+    # truth nodes 0..100 every 10 m; 50 is unmatched; pairs crossing the gap fail.
+    nodes = list(range(0, 101, 10))
+    pairs = [(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1 :]]
+    ok = sum(1 for a, b in pairs if a != 50 and b != 50 and ((a <= 40 and b <= 40) or (a >= 60 and b >= 60)))
+    assert gap["apls_truth_to_proposal"] == pytest.approx(ok / len(pairs))
