@@ -29,6 +29,7 @@ from .atomic import atomic_path
 from .errors import InputError
 from .package import Package, load_package
 from .raster import GTIFF_PROFILE, ImageInfo, image_info, read_window
+from .raster import tile_starts as starts
 from .train import amp_dtype, pick_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -51,16 +52,6 @@ class ClassifySettings:
     min_line_length: float = 5.0  # metres: shorter centreline pieces are dropped
     cell_size_tolerance: float = 2.0  # warn when scene and model cell sizes differ by more than this factor
     device: str | None = None
-
-
-def starts(n: int, tile: int, stride: int) -> list[int]:
-    """Tile offsets along one axis; the last tile is aligned to the edge (one tile if n <= tile)."""
-    if n <= tile:
-        return [0]
-    s = list(range(0, n - tile + 1, stride))
-    if s[-1] != n - tile:
-        s.append(n - tile)
-    return s
 
 
 def edge_weights(tile: int, overlap: int, margin: int, before: bool, after: bool) -> np.ndarray:

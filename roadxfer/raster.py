@@ -93,7 +93,7 @@ def image_info(
         raise InputError(
             path,
             f"has pixel type {dtype}, the workflow accepts {list(allowed_dtypes)}",
-            "rescale it to 8 bit (`gdal_translate -ot Byte -scale`) or set `image.rescale` in the config",
+            "rescale it to 8 bit first, e.g. `gdal_translate -ot Byte -scale SRC_MIN SRC_MAX 0 255 in.tif out.tif`",
         )
     return ImageInfo(path, width, height, crs, transform, count, dtype, nodata, bands, alpha)
 
@@ -142,3 +142,13 @@ def block_windows(width: int, height: int, block: int) -> Iterator[Window]:
     for row in range(0, height, block):
         for col in range(0, width, block):
             yield Window(col, row, min(block, width - col), min(block, height - row))
+
+
+def tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    """Tile offsets along one axis; the last tile is aligned to the edge (one tile if n <= tile)."""
+    if n <= tile:
+        return [0]
+    s = list(range(0, n - tile + 1, stride))
+    if s[-1] != n - tile:
+        s.append(n - tile)
+    return s

@@ -28,7 +28,7 @@ from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
 from .orientation import rotate_bins
-from .raster import image_info, read_boundless, read_window
+from .raster import image_info, read_boundless, read_window, tile_starts
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,8 @@ def tile_windows(width: int, height: int, tile: int, stride: int) -> Iterator[Wi
 
     Scenes smaller than a tile give one window that overhangs (padded as nodata).
     """
-    def starts(n: int) -> list[int]:
-        if n <= tile:
-            return [0]
-        s = list(range(0, n - tile + 1, stride))
-        if s[-1] != n - tile:
-            s.append(n - tile)
-        return s
-
-    for row in starts(height):
-        for col in starts(width):
+    for row in tile_starts(height, tile, stride):
+        for col in tile_starts(width, tile, stride):
             yield Window(col, row, tile, tile)
 
 

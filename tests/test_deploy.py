@@ -118,3 +118,13 @@ def test_slurm_profile_keeps_cluster_specifics_out_of_default_resources():
     for rule in ("train_model", "classify_scene"):
         assert profile["set-resources"][rule]["slurm_partition"].startswith("CHANGE-ME-gpu")
     assert profile["slurm-requeue"] is True
+
+
+def test_geo_rules_do_not_need_torch():
+    """Rules on envs/geo.yaml (no torch there) must import only torch-free modules."""
+    import subprocess
+    import sys
+
+    code = "import sys; import roadxfer.glue, roadxfer.demo, roadxfer.labels, roadxfer.tiles, roadxfer.evaluate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
