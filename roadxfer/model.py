@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
-from segmentation_models_pytorch.base import SegmentationHead
 import torch
 from torch import nn
 
@@ -60,9 +59,6 @@ class MultiTaskRoadModel(nn.Module):
         """Road-mask logits only: classification needs no orientation, and this halves the decoding."""
         return self.seg_head(self.seg_decoder(self.encoder(x)))
 
-    def heads(self) -> list[nn.Module]:
-        return [self.seg_head, self.orient_head]
-
     def freeze_encoder(self, frozen: bool = True) -> None:
         """Freeze for real: no gradients, and BatchNorm statistics kept (eval mode) while frozen."""
         self.encoder_frozen = frozen
@@ -75,17 +71,6 @@ class MultiTaskRoadModel(nn.Module):
         if self.encoder_frozen:
             self.encoder.eval()
         return self
-
-    def reset_heads(self, seg: bool = True, orient: bool = True) -> None:
-        """Re-initialise output heads (new classes or orientation bins), keeping the decoders."""
-        def fresh(old: nn.Module, out_channels: int) -> nn.Module:
-            conv = old[0]
-            return SegmentationHead(conv.in_channels, out_channels, kernel_size=conv.kernel_size[0], upsampling=old[1].scale_factor if isinstance(old[1], nn.UpsamplingBilinear2d) else 1)
-
-        if seg:
-            self.seg_head = fresh(self.seg_head, self.spec.n_classes + 1)
-        if orient:
-            self.orient_head = fresh(self.orient_head, self.spec.orientation_bins + 1)
 
 
 def load_encoder_checkpoint(model: MultiTaskRoadModel, path: str | Path) -> None:

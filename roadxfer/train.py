@@ -242,10 +242,13 @@ def train(
     if pretrained:
         pkg = load_package(pretrained)
         reset = check_compatible(pkg, spec=spec, classes=list(classes), bands=data.bands, tile_size=data.tile_size, source=data.sources[0])
-        model.load_state_dict(pkg.model.state_dict(), strict=False) if reset else model.load_state_dict(pkg.model.state_dict())
+        state = pkg.model.state_dict()
         if reset:
-            model.reset_heads(seg="segmentation head" in reset, orient="orientation head" in reset)
+            # Heads for other classes or bins keep this model's fresh (seeded) initialisation.
+            drop = tuple(prefix for name, prefix in (("segmentation head", "seg_head."), ("orientation head", "orient_head.")) if name in reset)
+            state = {k: v for k, v in state.items() if not k.startswith(drop)}
             log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s", " and ".join(reset))
+        model.load_state_dict(state, strict=not reset)
         mean, std = pkg.mean, pkg.std  # the encoder was trained on inputs normalised this way
         if cfg.keep_pretrained:
             added = keep_pretrained_roads(pkg, data, dev, cfg.keep_threshold, cfg.batch_size)

@@ -142,11 +142,14 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     assert [h["epoch"] for h in hist] == list(range(1, epochs + 1))
 
 
-def test_changed_classes_reinitialise_heads(tiles, base_package, tmp_path, caplog):
-    classes = [{"value": 1, "name": "unpaved road", "color": [0, 255, 0]}]
+@pytest.mark.parametrize("classes", [[{"value": 1, "name": "unpaved road"}], [{"value": 1, "name": "unpaved road"}, {"value": 2, "name": "trail"}]])
+def test_changed_classes_reinitialise_heads(tiles, base_package, tmp_path, caplog, classes):
     with caplog.at_level(logging.WARNING):
         train([tiles["transfer"]], tmp_path / "m", TrainConfig(**{**FAST, "epochs": 1, "freeze": True}), classes=classes, pretrained=base_package, threads=1)
     assert "re-initialised the segmentation head" in caplog.text
+    before, after = _state(base_package), _state(tmp_path / "m")
+    assert after["seg_head.0.weight"].shape[0] == len(classes) + 1
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
 
 
 def test_training_on_an_arcgis_exported_folder(tiles, tmp_path):
