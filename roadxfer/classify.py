@@ -46,9 +46,7 @@ class ClassifySettings:
     margin: int | None = None  # border pixels given no weight next to a neighbour; default overlap/4
     tta: bool = False  # average over flips and 90-degree rotations
     threshold: float | None = None  # road where P(road) >= threshold; default: most probable class
-    probability: bool = True
     probability_dtype: str = "uint8"  # uint8 (0-250 = 0-1, 255 nodata) | float32
-    centrelines: bool = True
     min_line_length: float = 5.0  # metres: shorter centreline pieces are dropped
     cell_size_tolerance: float = 2.0  # warn when scene and model cell sizes differ by more than this factor
     device: str | None = None
@@ -197,10 +195,11 @@ def classify_scene(
     margin = settings.margin if settings.margin is not None else overlap // 4
     model_cell = pkg.emd.get("CellSize")
     if model_cell:
-        ratio = _cell_size_m(info) / float(model_cell)
+        scene_cell = _cell_size_m(info)
+        ratio = scene_cell / float(model_cell)
         if not 1 / settings.cell_size_tolerance <= ratio <= settings.cell_size_tolerance:
             log.warning("%s has %.3g m cells but the model was trained at %.3g m (x%.2f): results may be poor; resample the scene (gdalwarp -tr) to the model's cell size",
-                        image, _cell_size_m(info), model_cell, ratio)
+                        image, scene_cell, model_cell, ratio)
     values = np.array([0] + [int(c["Value"]) for c in pkg.classes], np.uint8)
     n_out = len(values)
     predict = model_predict_fn(pkg, device, tta=settings.tta)

@@ -30,7 +30,7 @@ from . import IGNORE_VALUE
 from .apls import apls
 from .atomic import atomic_path
 from .labels import buffer_in_crs
-from .raster import image_info, read_window
+from .raster import ImageInfo, image_info, read_window
 from .vectors import LINE_TYPES, read_vectors
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,8 @@ def mask_metrics(pred: np.ndarray, refs: Mapping[str, np.ndarray], valid: np.nda
     return out
 
 
-def reference_masks(image: str | Path, labels: str | Path, settings: EvalSettings, *, layer: str | None = None, where: str | None = None) -> tuple[dict[str, np.ndarray], gpd.GeoDataFrame]:
+def reference_masks(info: ImageInfo, labels: str | Path, settings: EvalSettings, *, layer: str | None = None, where: str | None = None) -> tuple[dict[str, np.ndarray], gpd.GeoDataFrame]:
     """Buffered reference roads of each type, burned on the image grid; and the lines in the image CRS."""
-    info = image_info(image)
     gdf = read_vectors(labels, layer=layer, where=where)
     field_ = settings.road_type_field
     if field_ and field_ not in gdf.columns:
@@ -160,7 +159,7 @@ def evaluate_scene(
     for r0, c0, h, w in settings.ignore_windows:
         valid[r0 : r0 + h, c0 : c0 + w] = False
     pred = (cls > 0) & valid
-    refs, ref_lines = reference_masks(image, labels, settings, layer=layer, where=where)
+    refs, ref_lines = reference_masks(info, labels, settings, layer=layer, where=where)
     per_type = mask_metrics(pred, refs, valid, settings.relaxed_pixels)
     rows = [{"scene": scene_id, "model": model, "road_type": t, **c, **ratios(c)} for t, c in per_type.items()]
     result: dict[str, Any] = {"scene": scene_id, "model": model, "rows": rows}

@@ -223,7 +223,6 @@ def train(
     workdir: str | Path | None = None,
     threads: int = 1,
     device: str | None = None,
-    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one model and write its package; returns the best validation metrics."""
     workers = set_threads(threads)
@@ -274,7 +273,8 @@ def train(
     loader_kw = {"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": workers > 0}
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, **loader_kw)
 
-    digest = _digest({"cfg": asdict(cfg), "classes": list(classes), "data": data_digest(data), "parent": parent})
+    data_sha256 = data_digest(data)  # hashes every tile: once
+    digest = _digest({"cfg": asdict(cfg), "classes": list(classes), "data": data_sha256, "parent": parent})
     workdir = Path(workdir) if workdir else Path(out_package).with_name(f".{Path(out_package).name}.work")
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "checkpoint.pt"
@@ -342,7 +342,7 @@ def train(
     best_metrics = max(history, key=lambda m: m["val_road_iou"] if len(val_idx) else -m["train_loss"])
     emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=cfg.orientation_bin_size, mean=mean, std=std,
                     cell_size=data.cell_size, provenance={
-                        "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes, "tiles": len(data), "sha256": data_digest(data)},
+                        "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes, "tiles": len(data), "sha256": data_sha256},
                         "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
                         "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev)})
     extras = _write_curves(workdir, history)
