@@ -3,7 +3,8 @@
 Works block by block (with an overlap so the skeleton is the same as on the whole
 mask), so memory does not grow with the scene. Each block contributes the skeleton
 edges that start in its core; shapely's ``line_merge`` then joins pixel edges into
-lines between junctions and ends, across blocks.
+lines between junctions and ends, across blocks. ``clean_network`` then removes the
+skeleton's short side branches and specks without cutting a road anywhere.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import math
+
 import geopandas as gpd
+import networkx as nx
 import numpy as np
 import pyogrio
 import rasterio
 import shapely
+import shapely.ops
 from rasterio.windows import Window
 from skimage.morphology import skeletonize
 
@@ -77,19 +82,149 @@ def trace_lines(mask_reader, height: int, width: int) -> list[shapely.LineString
     return [g for g in shapely.get_parts(merged) if g.length > 0]
 
 
+def _merge(lines: Sequence[shapely.LineString]) -> list[shapely.LineString]:
+    if not lines:
+        return []
+    merged = shapely.line_merge(shapely.union_all(list(lines)))
+    return [g for g in shapely.get_parts(merged) if g.length > 0]
+
+
+def _end_keys(line: shapely.LineString) -> tuple[tuple[float, float], tuple[float, float]]:
+    (x0, y0), (x1, y1) = line.coords[0], line.coords[-1]
+    return (round(x0, 6), round(y0, 6)), (round(x1, 6), round(y1, 6))
+
+
+def clean_network(lines: Sequence[shapely.LineString], spur: float, min_length: float) -> list[shapely.LineString]:
+    """Remove skeleton spurs and specks from a line network without cutting roads.
+
+    Skeletons of ragged masks sprout short side branches, and a junction can be a small
+    cluster of pixels. ``line_merge`` splits a road at each of them, so dropping every short
+    piece would cut the road into fragments (and wreck any topology measure). Instead
+    dangling pieces (one free end, the other at a junction) shorter than ``spur`` are
+    removed until none is left, and then whole connected networks shorter than
+    ``min_length``. Pieces between two junctions are always kept.
+    """
+    lines = _merge(lines)
+    for _ in range(20):  # each round exposes at most the next spur segment of a branch
+        degree: dict[tuple[float, float], int] = {}
+        for line in lines:
+            for k in _end_keys(line):
+                degree[k] = degree.get(k, 0) + 1
+        keep = []
+        for line in lines:
+            a, b = (degree[k] for k in _end_keys(line))
+            dangling = (a == 1) != (b == 1)
+            keep.append(not (dangling and line.length < spur))
+        if all(keep):
+            break
+        lines = _merge([line for line, k in zip(lines, keep) if k])
+    g = nx.Graph()
+    for i, line in enumerate(lines):
+        a, b = _end_keys(line)
+        g.add_edge(("end", a), ("line", i))
+        g.add_edge(("end", b), ("line", i))
+    out = []
+    for comp in nx.connected_components(g):
+        members = [lines[n[1]] for n in comp if n[0] == "line"]
+        if sum(m.length for m in members) >= min_length:
+            out.extend(members)
+    return sorted(out, key=lambda ln: ln.coords[0])
+
+
+def _end_direction(line: shapely.LineString, at_start: bool, reach: float) -> np.ndarray:
+    """Unit vector pointing out of the line at one end, averaged over ``reach`` along it."""
+    d = min(reach, line.length)
+    end = np.asarray(line.coords[0] if at_start else line.coords[-1], float)
+    inner = np.asarray(line.interpolate(d if at_start else line.length - d).coords[0], float)
+    v = end - inner
+    n = np.linalg.norm(v)
+    return v / n if n else v
+
+
+def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: float = 40.0) -> list[shapely.LineString]:
+    """Join dead ends to the nearest line ahead of them, across gaps up to ``max_gap``.
+
+    A road hidden for a few metres (a tree, a shadow, a faint stretch) leaves a gap in the
+    mask and cuts the network; routing and topology measures then fail on every path across
+    it. Each free end looks for the nearest point of another line (or of a far part of its
+    own) within ``max_gap`` and within ``max_angle`` degrees of the direction it points
+    in, and is joined to it by a straight segment, as road-extraction post-processing
+    usually does. Run ``clean_network`` afterwards to node the joins.
+    """
+    lines = list(lines)
+    if len(lines) < 1 or max_gap <= 0:
+        return lines
+    degree: dict[tuple[float, float], int] = {}
+    for line in lines:
+        for k in _end_keys(line):
+            degree[k] = degree.get(k, 0) + 1
+    tree = shapely.STRtree(lines)
+    cos_max = math.cos(math.radians(max_angle))
+    joins = []
+    for i, line in enumerate(lines):
+        for at_start, key in zip((True, False), _end_keys(line)):
+            if degree[key] != 1:
+                continue
+            end = shapely.Point(key)
+            out = _end_direction(line, at_start, reach=max_gap)
+            best = None
+            for j in tree.query(end, predicate="dwithin", distance=max_gap).tolist():
+                target = lines[j]
+                if j == i:  # its own line only where it comes back, not the stretch it ends on
+                    far = line.length - 2 * max_gap
+                    if far <= 0:
+                        continue
+                    target = shapely.ops.substring(line, 2 * max_gap, line.length) if at_start else shapely.ops.substring(line, 0, far)
+                p = shapely.ops.nearest_points(end, target)[1]
+                v = np.asarray(p.coords[0]) - np.asarray(key)
+                dist = float(np.linalg.norm(v))
+                if dist == 0 or dist > max_gap or float(v @ out) / dist < cos_max:
+                    continue
+                if best is None or dist < best[0]:
+                    best = (dist, v, target)
+            if best is not None:
+                dist, v, target = best
+                tip = np.asarray(key) + v
+                ends = np.asarray([target.coords[0], target.coords[-1]], float)
+                k = int(np.argmin(np.linalg.norm(ends - tip, axis=1)))
+                if np.linalg.norm(ends[k] - tip) < 1e-6:
+                    tip = ends[k]  # end to end: the very same vertex
+                else:
+                    tip = tip + v * 0.5 / dist  # overshoot half a pixel so the crossing gets noded
+                joins.append(shapely.LineString([key, tuple(tip)]))
+    return lines + joins
+
+
+def _metres_per_pixel(src: rasterio.DatasetReader) -> float:
+    cell = abs(src.transform.a)
+    if src.crs is None:
+        return cell
+    if src.crs.is_geographic:  # degrees: metres at the scene centre, good enough for thresholds
+        lat = (src.bounds.bottom + src.bounds.top) / 2
+        return cell * 111_320.0 * max(math.cos(math.radians(lat)), 0.01)
+    return cell * float(src.crs.linear_units_factor[1])
+
+
 def centrelines_from_raster(
     classified: str | Path,
     out_path: str | Path,
     *,
     classes: Sequence[dict[str, Any]],
     min_length: float = 5.0,
+    bridge: float = 0.0,
     simplify: float | None = None,
 ) -> int:
-    """Write road centrelines of every class as a GeoPackage of LineStrings (``class_value``, ``class_name``, ``length_m``)."""
+    """Write road centrelines of every class as a GeoPackage of LineStrings (``class_value``, ``class_name``, ``length_m``).
+
+    Side branches shorter than ``min_length`` (metres) and networks shorter than it are
+    dropped; dead ends are joined across gaps up to ``bridge`` metres (0: never).
+    """
     records = []
     with rasterio.open(classified) as src:
         transform, crs = src.transform, src.crs
         cell = abs(transform.a)
+        min_px = min_length / _metres_per_pixel(src)
+        bridge_px = bridge / _metres_per_pixel(src)
         for c in classes:
             value = int(c.get("Value", c.get("value")))
             name = c.get("Name", c.get("name", str(value)))
@@ -97,13 +232,15 @@ def centrelines_from_raster(
             def reader(window: Window, value: int = value) -> np.ndarray:
                 return src.read(1, window=window) == value
 
-            for line in trace_lines(reader, src.height, src.width):
+            lines = clean_network(trace_lines(reader, src.height, src.width), spur=min_px, min_length=0)
+            if bridge_px > 0:
+                lines = clean_network(bridge_gaps(lines, bridge_px), spur=min(min_px, 1.0), min_length=0)
+            for line in clean_network(lines, spur=min_px, min_length=min_px):
                 geo = shapely.transform(line, lambda xy: np.stack(transform * (xy[:, 0], xy[:, 1]), 1))
                 records.append({"class_value": value, "class_name": name, "geometry": geo.simplify(simplify if simplify is not None else cell)})
     gdf = gpd.GeoDataFrame(records, geometry="geometry", crs=crs) if records else gpd.GeoDataFrame({"class_value": [], "class_name": []}, geometry=[], crs=crs)
     metric = gdf.to_crs(gdf.estimate_utm_crs()) if (crs is not None and crs.is_geographic and len(gdf)) else gdf
     gdf["length_m"] = metric.length.to_numpy() * (1.0 if crs is None or crs.is_geographic else float(crs.linear_units_factor[1]))
-    gdf = gdf[gdf["length_m"] >= min_length].reset_index(drop=True)
     with atomic_path(out_path) as tmp:
         pyogrio.write_dataframe(gdf, tmp, layer="centrelines", driver="GPKG", geometry_type="LineString")
     log.info("%s: %d centreline(s), %.0f m in all", out_path, len(gdf), float(gdf["length_m"].sum()))

@@ -47,7 +47,8 @@ class ClassifySettings:
     tta: bool = False  # average over flips and 90-degree rotations
     threshold: float | None = None  # road where P(road) >= threshold; default: most probable class
     probability_dtype: str = "uint8"  # uint8 (0-250 = 0-1, 255 nodata) | float32
-    min_line_length: float = 5.0  # metres: shorter centreline pieces are dropped
+    min_line_length: float = 5.0  # metres: shorter side branches and networks are dropped
+    bridge_gaps: float = 10.0  # metres: dead ends are joined across gaps up to this long
     cell_size_tolerance: float = 2.0  # warn when scene and model cell sizes differ by more than this factor
     device: str | None = None
 
@@ -256,7 +257,7 @@ def classify_scene(
     if out_centrelines:
         from .centrelines import centrelines_from_raster
 
-        lines = centrelines_from_raster(out_class, out_centrelines, classes=pkg.classes, min_length=settings.min_line_length)
+        lines = centrelines_from_raster(out_class, out_centrelines, classes=pkg.classes, min_length=settings.min_line_length, bridge=settings.bridge_gaps)
     n_tiles = count_tiles(info.height, info.width, tile, overlap)
     summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": info.width * info.height / seconds / 1e6, "device": str(device), "centrelines": lines}
     log.info("%s classified in %.1f s (%.2f Mpx/s) on %s", image, seconds, summary["megapixels_per_s"], device)

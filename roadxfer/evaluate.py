@@ -65,9 +65,15 @@ def counts(pred: np.ndarray, ref: np.ndarray, region: np.ndarray, rho: float, d_
 
 
 def f1(precision: float, recall: float) -> float:
-    """Harmonic mean; 0 when both are 0, NaN when either is undefined."""
-    if precision != precision or recall != recall:
+    """Harmonic mean; NaN only when both are undefined (no prediction and no reference).
+
+    With one undefined the other is 0 (no prediction: recall 0; no reference: precision 0),
+    and F1 is 0: a model that finds nothing must score 0, not drop out of the table.
+    """
+    if precision != precision and recall != recall:
         return float("nan")
+    if precision != precision or recall != recall:
+        return 0.0
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 

@@ -57,5 +57,5 @@ def tile_settings(tiles_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]
 def classify_settings(cfg: Mapping[str, Any]) -> Any:
     from .classify import ClassifySettings
 
-    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length")
+    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length", "bridge_gaps")
     return ClassifySettings(**{k: cfg[k] for k in keys if k in cfg})

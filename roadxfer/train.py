@@ -141,7 +141,8 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
         inter += int((pred & true).sum())
         union += int((pred | true).sum())
         road = (ori_t > 0) & (ori_t != IGNORE_VALUE)
-        ori_ok += int((ori.argmax(1)[road] == ori_t[road]).sum())
+        # Direction accuracy on road pixels: the most probable bin, not the "no road" channel.
+        ori_ok += int(((ori[:, 1:].argmax(1) + 1)[road] == ori_t[road]).sum())
         ori_n += int(road.sum())
     return {"val_loss": total / max(batches, 1), "val_road_iou": inter / union if union else 0.0, "val_orient_acc": ori_ok / ori_n if ori_n else float("nan")}
 

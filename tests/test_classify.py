@@ -8,6 +8,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import shapely
 import torch
 import torch.nn.functional as F
 from conftest import make_raster
@@ -131,3 +132,63 @@ def test_centrelines_of_a_known_network(tmp_path, monkeypatch, block):
     assert arms[-1] == pytest.approx(200, abs=8)  # the L: 100 + 100
     assert sum(arms[:-1]) == pytest.approx(200 + 160, abs=12)
     assert set(gdf["class_value"]) == {1} and np.allclose(gdf["length_m"], gdf.length)
+
+
+def test_clean_network_drops_spurs_and_specks_but_never_cuts_a_road():
+    from shapely import LineString
+
+    # A road through a junction "cluster": two short pieces between two junction points,
+    # each junction with a short spur; a long side road; and a speck far away.
+    lines = [
+        LineString([(0, 0), (100, 0)]),
+        LineString([(100, 0), (102, 0)]),  # 2 px between junctions: must stay
+        LineString([(102, 0), (200, 0)]),
+        LineString([(100, 0), (100, 3)]),  # spur, 3 px
+        LineString([(102, 0), (102, -4)]),  # spur, 4 px
+        LineString([(150, 0), (150, 80)]),  # real side road, 80 px
+        LineString([(300, 300), (303, 300)]),  # speck
+    ]
+    out = cl.clean_network(lines, spur=5, min_length=5)
+    g = shapely.union_all(out)
+    assert g.length == pytest.approx(200 + 80)
+    assert g.covers(LineString([(0, 0), (200, 0)]))  # the road is whole, junction pieces included
+    assert not g.intersects(shapely.box(299, 299, 304, 301))
+
+
+def test_centrelines_of_a_ragged_road_stay_connected(tmp_path):
+    rng = np.random.default_rng(0)
+    m = np.zeros((80, 400), np.uint8)
+    m[35:46, 10:390] = 1
+    for c in rng.choice(np.arange(20, 380), 40, replace=False):  # bumps grow skeleton spurs
+        side = rng.choice([-1, 1])
+        r = 34 if side < 0 else 46
+        m[r - 2 * (side < 0): r + 2 * (side > 0) + (side > 0), c: c + 3] = 1
+    raster = _mask_raster(tmp_path / "m.tif", m, cell=0.3)
+    cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5)
+    gdf = gpd.read_file(tmp_path / "l.gpkg")
+    merged = shapely.line_merge(shapely.union_all(list(gdf.geometry)))
+    assert merged.geom_type == "LineString"  # one piece from end to end, no spur left
+    assert 0.9 * 380 * 0.3 < merged.length <= 380 * 0.3  # the skeleton stops short of the square ends
+
+
+def test_bridge_gaps_joins_a_road_across_a_gap_but_not_a_side_line():
+    from shapely import LineString
+
+    road = [LineString([(0, 0), (100, 0)]), LineString([(108, 0.5), (200, 0.5)])]  # an 8 px gap
+    parallel = LineString([(0, 30), (100, 30)])  # 30 px beside the road: no join
+    t_end = LineString([(150, 20), (150, 6)])  # a side road stopping 5.5 px short of the road
+    out = cl.clean_network(cl.bridge_gaps(road + [parallel, t_end], max_gap=10), spur=1, min_length=0)
+    import networkx as nx
+
+    from roadxfer.apls import graph_from_lines
+
+    graph = graph_from_lines(out, spacing=1000)
+    ends = {n: n for n in graph.nodes}
+    a = min(ends, key=lambda n: np.hypot(n[0] - 0, n[1] - 0))
+    b = min(ends, key=lambda n: np.hypot(n[0] - 200, n[1] - 0.5))
+    c = min(ends, key=lambda n: np.hypot(n[0] - 150, n[1] - 20))
+    d = min(ends, key=lambda n: np.hypot(n[0] - 0, n[1] - 30))
+    assert nx.has_path(graph, a, b) and nx.has_path(graph, c, a)  # gap and T-junction bridged
+    assert not nx.has_path(graph, a, d)  # the parallel line stays apart
+    # Nothing to bridge within the limit: unchanged.
+    assert cl.bridge_gaps(road, max_gap=5) == road

@@ -30,6 +30,20 @@ def test_counts_and_ratios_known_answer():
     assert r["precision"] == r["recall"] == r["f1"] == 0.5 and r["iou"] == pytest.approx(1 / 3)
     assert ratios({**c, "tp": 0})["f1"] == 0.0
     assert np.isnan(ratios({k: 0 for k in c})["precision"])
+    assert np.isnan(ratios({k: 0 for k in c})["f1"])  # nothing predicted, nothing to find
+
+
+def test_a_model_that_finds_nothing_scores_zero_not_nan():
+    ref = np.zeros((10, 10), bool)
+    ref[4, :] = True
+    r = ratios(mask_metrics(np.zeros((10, 10), bool), {"trail": ref}, np.ones((10, 10), bool), rho=3)["trail"])
+    assert np.isnan(r["precision"]) and r["recall"] == 0
+    assert r["f1"] == 0 and r["relaxed_f1"] == 0
+    # Predictions where there is no reference: precision 0, recall undefined, F1 0.
+    pred = np.zeros((10, 10), bool)
+    pred[2, :] = True
+    r = ratios(counts(pred, np.zeros((10, 10), bool), np.ones((10, 10), bool), 3, INF, INF))
+    assert r["precision"] == 0 and np.isnan(r["recall"]) and r["f1"] == 0
 
 
 def test_relaxed_metrics_tolerate_a_small_shift():
@@ -108,3 +122,21 @@ def test_apls_penalises_a_gap():
     pairs = [(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1 :]]
     ok = sum(1 for a, b in pairs if a != 50 and b != 50 and ((a <= 40 and b <= 40) or (a >= 60 and b >= 60)))
     assert gap["apls_truth_to_proposal"] == pytest.approx(ok / len(pairs))
+
+
+def test_report_targets_known_answers():
+    import pandas as pd
+
+    from roadxfer.report import targets
+
+    rows = []
+    for model, vals in {"base": (0.94, 0.01, 0.02), "transfer": (0.92, 0.83, 0.77), "scratch": (0.0, 0.84, 0.75)}.items():
+        for t, f in zip(("paved", "unpaved", "trail"), vals):
+            rows.append({"model": model, "road_type": t, "f1": f, "recall": f + (0.05 if model == "transfer" else 0), "relaxed_f1": f})
+    out = targets(pd.DataFrame(rows), "base", "transfer", "scratch").set_index("check")["pass"]
+    assert out["unpaved: transfer F1 >= base F1 + 0.30"] and out["trail: transfer F1 >= base F1 + 0.30"]
+    assert not out["unpaved: transfer F1 > scratch F1"] and out["trail: transfer F1 > scratch F1"]
+    assert out["unpaved: transfer recall > scratch recall"]
+    assert out["paved: transfer F1 >= base F1 - 0.03"]
+    rows[3]["f1"] = 0.90  # transfer paved now 0.04 below base
+    assert not targets(pd.DataFrame(rows), "base", "transfer", "scratch").set_index("check")["pass"]["paved: transfer F1 >= base F1 - 0.03"]
