@@ -4,7 +4,8 @@ Started by hand (there is no systemd) and stopped by the PIDs it started. Its
 slurm.conf (and gres.conf) are installed at /etc/slurm for the run, because the job step
 plugin clears SLURM_* variables (SLURM_CONF too) before calling srun inside a job, so srun
 must find the configuration at the default place; files already there are put back at stop. Job state is polled with ``squeue`` (no slurmdbd),
-so finished jobs must stay visible: MinJobAge=300.
+so finished jobs must stay visible (MinJobAge >= 300); the tests also list every job of a
+run after it ends, which can take longer than 5 minutes on a busy machine: MinJobAge=3600.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/builtin
 MpiDefault=none
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 DefMemPerCPU=1000
 KillWait=5
 InactiveLimit=0
@@ -160,7 +161,7 @@ PartitionName=gpu Nodes={host} MaxTime=INFINITE State=UP
         raise RuntimeError(f"{message} within {timeout:.0f} s; logs in {self.root}/log")
 
     def jobs(self) -> list[dict[str, str]]:
-        """Jobs slurmctld still knows (all of this run's, with MinJobAge=300)."""
+        """Jobs slurmctld still knows (all of this run's, with MinJobAge=3600)."""
         out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%j|%P|%T|%C|%k"], env=self.env, capture_output=True, text=True, check=True)
         rows = [line.split("|") for line in out.stdout.splitlines() if line.strip()]
         return [{"id": r[0], "name": r[1], "partition": r[2], "state": r[3], "cpus": r[4], "comment": r[5]} for r in rows]
