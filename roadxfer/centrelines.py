@@ -10,11 +10,10 @@ skeleton's short side branches and specks without cutting a road anywhere.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import math
 
 import geopandas as gpd
 import networkx as nx
@@ -27,6 +26,7 @@ from rasterio.windows import Window
 from skimage.morphology import skeletonize
 
 from .atomic import atomic_path
+from .raster import cell_size_metres
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,12 @@ def trace_lines(mask_reader, height: int, width: int) -> list[shapely.LineString
                 pieces.append(e[..., ::-1])  # (x=col, y=row)
     if not pieces:
         return []
-    segs = shapely.linestrings(np.concatenate(pieces))
-    merged = shapely.line_merge(shapely.union_all(segs))
-    return [g for g in shapely.get_parts(merged) if g.length > 0]
+    return _merge(shapely.linestrings(np.concatenate(pieces)))
 
 
 def _merge(lines: Sequence[shapely.LineString]) -> list[shapely.LineString]:
-    if not lines:
+    """Node the lines where they meet and join them into lines between junctions and ends."""
+    if not len(lines):
         return []
     merged = shapely.line_merge(shapely.union_all(list(lines)))
     return [g for g in shapely.get_parts(merged) if g.length > 0]
@@ -92,6 +91,15 @@ def _merge(lines: Sequence[shapely.LineString]) -> list[shapely.LineString]:
 def _end_keys(line: shapely.LineString) -> tuple[tuple[float, float], tuple[float, float]]:
     (x0, y0), (x1, y1) = line.coords[0], line.coords[-1]
     return (round(x0, 6), round(y0, 6)), (round(x1, 6), round(y1, 6))
+
+
+def _end_degrees(lines: Sequence[shapely.LineString]) -> dict[tuple[float, float], int]:
+    """How many line ends meet at each end point (1: a dead end)."""
+    degree: dict[tuple[float, float], int] = {}
+    for line in lines:
+        for k in _end_keys(line):
+            degree[k] = degree.get(k, 0) + 1
+    return degree
 
 
 def clean_network(lines: Sequence[shapely.LineString], spur: float, min_length: float) -> list[shapely.LineString]:
@@ -106,10 +114,7 @@ def clean_network(lines: Sequence[shapely.LineString], spur: float, min_length: 
     """
     lines = _merge(lines)
     for _ in range(20):  # each round exposes at most the next spur segment of a branch
-        degree: dict[tuple[float, float], int] = {}
-        for line in lines:
-            for k in _end_keys(line):
-                degree[k] = degree.get(k, 0) + 1
+        degree = _end_degrees(lines)
         keep = []
         for line in lines:
             a, b = (degree[k] for k in _end_keys(line))
@@ -152,12 +157,9 @@ def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: 
     usually does. Run ``clean_network`` afterwards to node the joins.
     """
     lines = list(lines)
-    if len(lines) < 1 or max_gap <= 0:
+    if not lines or max_gap <= 0:
         return lines
-    degree: dict[tuple[float, float], int] = {}
-    for line in lines:
-        for k in _end_keys(line):
-            degree[k] = degree.get(k, 0) + 1
+    degree = _end_degrees(lines)
     tree = shapely.STRtree(lines)
     cos_max = math.cos(math.radians(max_angle))
     joins = []
@@ -195,16 +197,6 @@ def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: 
     return lines + joins
 
 
-def _metres_per_pixel(src: rasterio.DatasetReader) -> float:
-    cell = abs(src.transform.a)
-    if src.crs is None:
-        return cell
-    if src.crs.is_geographic:  # degrees: metres at the scene centre, good enough for thresholds
-        lat = (src.bounds.bottom + src.bounds.top) / 2
-        return cell * 111_320.0 * max(math.cos(math.radians(lat)), 0.01)
-    return cell * float(src.crs.linear_units_factor[1])
-
-
 def centrelines_from_raster(
     classified: str | Path,
     out_path: str | Path,
@@ -223,8 +215,8 @@ def centrelines_from_raster(
     with rasterio.open(classified) as src:
         transform, crs = src.transform, src.crs
         cell = abs(transform.a)
-        min_px = min_length / _metres_per_pixel(src)
-        bridge_px = bridge / _metres_per_pixel(src)
+        cell_m = cell_size_metres(crs, cell)
+        min_px, bridge_px = min_length / cell_m, bridge / cell_m
         for c in classes:
             value = int(c.get("Value", c.get("value")))
             name = c.get("Name", c.get("name", str(value)))
@@ -232,9 +224,9 @@ def centrelines_from_raster(
             def reader(window: Window, value: int = value) -> np.ndarray:
                 return src.read(1, window=window) == value
 
-            lines = clean_network(trace_lines(reader, src.height, src.width), spur=min_px, min_length=0)
-            if bridge_px > 0:
-                lines = clean_network(bridge_gaps(lines, bridge_px), spur=min(min_px, 1.0), min_length=0)
+            lines = trace_lines(reader, src.height, src.width)
+            if bridge_px > 0:  # spurs first, or their tips would be bridged; the last pass nodes the joins
+                lines = bridge_gaps(clean_network(lines, spur=min_px, min_length=0), bridge_px)
             for line in clean_network(lines, spur=min_px, min_length=min_px):
                 geo = shapely.transform(line, lambda xy: np.stack(transform * (xy[:, 0], xy[:, 1]), 1))
                 records.append({"class_value": value, "class_name": name, "geometry": geo.simplify(simplify if simplify is not None else cell)})

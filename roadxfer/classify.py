@@ -28,7 +28,7 @@ from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
 from .package import Package, load_package
-from .raster import GTIFF_PROFILE, ImageInfo, image_info, read_window
+from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, image_info, read_window
 from .raster import tile_starts as starts
 from .train import amp_dtype, pick_device, set_threads
 
@@ -168,12 +168,6 @@ def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False) -
     return run_tta
 
 
-def _cell_size_m(info: ImageInfo) -> float:
-    if info.crs.is_geographic:
-        return info.cell_size * 111_320.0
-    return info.cell_size * float(info.crs.linear_units_factor[1])
-
-
 def classify_scene(
     image: str | Path,
     package: str | Path | Package,
@@ -196,7 +190,7 @@ def classify_scene(
     margin = settings.margin if settings.margin is not None else overlap // 4
     model_cell = pkg.emd.get("CellSize")
     if model_cell:
-        scene_cell = _cell_size_m(info)
+        scene_cell = cell_size_metres(info.crs, info.cell_size)
         ratio = scene_cell / float(model_cell)
         if not 1 / settings.cell_size_tolerance <= ratio <= settings.cell_size_tolerance:
             log.warning("%s has %.3g m cells but the model was trained at %.3g m (x%.2f): results may be poor; resample the scene (gdalwarp -tr) to the model's cell size",

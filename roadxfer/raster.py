@@ -46,6 +46,15 @@ class ImageInfo:
         return float(abs(self.transform.a))
 
 
+def cell_size_metres(crs: rasterio.crs.CRS | None, cell: float) -> float:
+    """Cell size in metres (geographic CRS: along a meridian, 1 degree = 111.32 km)."""
+    if crs is None:
+        return cell
+    if crs.is_geographic:
+        return cell * 111_320.0
+    return cell * float(crs.linear_units_factor[1])
+
+
 def image_info(
     path: str | Path,
     *,

@@ -128,21 +128,20 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
     incomplete, so precision needs care) and relaxed F1.
     """
     table = summary.set_index(["model", "road_type"])
-    s = table["f1"]
     rows = []
 
     def get(m: str, t: str, col: str = "f1") -> float:
-        return float(table[col].get((m, t), np.nan)) if col in table else float("nan")
+        return float(table[col].get((m, t), np.nan))
 
     names = {"f1": "F1", "recall": "recall", "relaxed_f1": "relaxed F1"}
     for t in ("unpaved", "trail"):
-        if (baseline, t) in s.index and (transfer, t) in s.index:
+        if (baseline, t) in table.index and (transfer, t) in table.index:
             rows.append({"check": f"{t}: transfer F1 >= base F1 + 0.30", "value": f"{get(transfer, t):.3f} vs {get(baseline, t):.3f}", "pass": get(transfer, t) >= get(baseline, t) + 0.30})
-            if control and (control, t) in s.index:
+            if control and (control, t) in table.index:
                 for col, name in names.items():
                     a, b = get(transfer, t, col), get(control, t, col)
                     rows.append({"check": f"{t}: transfer {name} > scratch {name}", "value": f"{a:.3f} vs {b:.3f}", "pass": a > b})
-    if (baseline, "paved") in s.index:
+    if (baseline, "paved") in table.index:
         rows.append({"check": "paved: transfer F1 >= base F1 - 0.03", "value": f"{get(transfer, 'paved'):.3f} vs {get(baseline, 'paved'):.3f}", "pass": get(transfer, "paved") >= get(baseline, "paved") - 0.03})
     return pd.DataFrame(rows)
 
