@@ -1,6 +1,6 @@
 """Benchmark of the training loop (step 3). Prints figures; asserts nothing.
 
-  python bench/bench_train.py [--backbone resnet34] [--tile 256] [--batch 8] [--steps 8] [--device cpu|cuda]
+  python bench/bench_train.py [--arch linknet|unet|linknet34_mtl] [--backbone resnet34] [--tile 256] [--batch 8] [--steps 8] [--device cpu|cuda]
 
 * samples/s through the real training loop (DataLoader from Classified Tiles in memory,
   augmentation, loss, optimiser) versus bare training steps on tensors already in
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.data import Augment, TrainSet, load_tiles  # noqa: E402
 from roadxfer.demo import write_scene  # noqa: E402
 from roadxfer.labels import LabelSettings, rasterize_scene  # noqa: E402
-from roadxfer.model import ModelSpec, MultiTaskRoadModel  # noqa: E402
+from roadxfer.model import build_model  # noqa: E402
 from roadxfer.tiles import TileSettings, export_tiles  # noqa: E402
-from roadxfer.train import TrainConfig, _attach_norm, make_optimizer, make_scaler, pick_device, set_threads, train_step  # noqa: E402
+from roadxfer.train import TrainConfig, _attach_io, make_optimizer, make_scaler, model_spec, pick_device, set_threads, train_step  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
@@ -72,10 +72,10 @@ def main() -> None:
 
     def fresh(frozen: bool):
         torch.manual_seed(0)
-        model = MultiTaskRoadModel(ModelSpec(arch=args.arch, backbone=args.backbone, orientation_bins=18)).to(dev)
+        model = build_model(model_spec(cfg, bands=3, n_classes=1, pretrained_spec=None)).to(dev)
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        _attach_norm(model, [0.5] * 3, [0.25] * 3, dev)
+        _attach_io(model, [0.5] * 3, [0.25] * 3, 10, dev)
         model.freeze_encoder(frozen)
         model.train()
         return model, make_optimizer(model, cfg, encoder_trainable=not frozen), make_scaler(dev)

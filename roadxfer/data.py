@@ -14,7 +14,7 @@ import torch
 
 from . import IGNORE_VALUE
 from .errors import InputError
-from .orientation import flip_bins, rotate_bins
+from .orientation import flip_bins, orientation_from_mask, rotate_bins
 from .tiles import read_dataset
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,14 @@ class TileData:
         return px.mean(1).tolist(), np.maximum(px.std(1), 1e-3).tolist()
 
 
-def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]]) -> TileData:
-    """Load chips; refuse empty data, unknown class values, mixed tile sizes or band counts."""
+def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]], *, orientation_bin_size: int | None = None) -> TileData:
+    """Load chips; refuse empty data, unknown class values, mixed tile sizes or band counts.
+
+    Tiles without orientation chips (as the reference tool exports them) get orientation
+    targets derived from their road mask when ``orientation_bin_size`` is given; without
+    it their orientation is ignored, and a warning says the orientation head learns
+    nothing from them.
+    """
     if not folders:
         raise InputError(None, "no training datasets given", "list Classified Tiles folders or roles under the model's `datasets`")
     lut = np.full(256, IGNORE_VALUE, np.uint8)
@@ -69,6 +75,12 @@ def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]])
             raise InputError(ds.root, f"has {ds.bands}-band chips but {sources[0]} has {bands}", "use imagery with the same bands")
         scenes.append(ds.scene_id)
         sources.append(str(ds.root))
+        if None in ds.orientation:
+            n_missing = sum(o is None for o in ds.orientation)
+            if orientation_bin_size:
+                log.warning("%s: %d of %d tile(s) have no orientation chip (a reference-tool export?): orientation targets derived from the road mask", ds.root, n_missing, len(ds.images))
+            else:
+                log.warning("%s: %d of %d tile(s) have no orientation chip: the orientation head is NOT trained on them", ds.root, n_missing, len(ds.images))
         for img_p, lbl_p, ori_p in zip(ds.images, ds.labels, ds.orientation):
             with rasterio.open(img_p) as src:
                 img = src.read()
@@ -86,7 +98,10 @@ def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]])
             if ori_p is not None:
                 with rasterio.open(ori_p) as src:
                     ori = src.read(1)
-            else:  # ArcGIS-exported tiles have no orientation: that loss is skipped for them
+            elif orientation_bin_size:  # reference-tool tiles carry only the road mask
+                ori = orientation_from_mask((lbl > 0) & (lbl != IGNORE_VALUE), orientation_bin_size)
+                ori[lbl == IGNORE_VALUE] = IGNORE_VALUE
+            else:
                 ori = np.full((tile, tile), IGNORE_VALUE, np.uint8)
             images.append(img)
             segs.append(lut[lbl])

@@ -51,6 +51,7 @@ def tile_settings(tiles_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]
         seed=int(tiles_cfg.get("seed", 0)),
         classes=tuple(dict(c) for c in classes),
         orientation_bin_size=bin_size,
+        label_nodata=int(tiles_cfg.get("label_nodata", 255)),
     )
 
 

@@ -1,8 +1,9 @@
 """The multi-task road extractor: a shared encoder, a road-mask decoder and an orientation decoder.
 
-Built from segmentation-models-pytorch parts (as the reference MultiTaskRoadExtractor
-pairs a ResNet-34 encoder with two LinkNet decoders). No weights are downloaded:
-``encoder_weights=None``; a local encoder checkpoint can be loaded by path.
+Two families: ``linknet``/``unet`` are built from segmentation-models-pytorch parts;
+``linknet34_mtl`` is the reference tool's own network (:mod:`roadxfer.linknet_mtl`),
+whose state dict is the reference's, key for key. No weights are downloaded
+(``encoder_weights=None``); a local encoder checkpoint can be loaded by path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 ARCHS = {"linknet": "Linknet", "unet": "Unet"}
+REFERENCE_ARCH = "linknet34_mtl"  # the reference tool's MultiTaskRoadExtractor (LinkNet, ResNet-34)
 
 
 @dataclass(frozen=True)
@@ -29,19 +31,65 @@ class ModelSpec:
     backbone: str = "resnet34"
     in_channels: int = 3
     n_classes: int = 1  # road classes, background excluded
-    orientation_bins: int = 18
+    orientation_bins: int = 18  # direction bins: over 180 degrees (ours) or 360 (reference layout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def reference_layout(self) -> bool:
+        """Orientation as the reference has it: bins over 360 degrees clockwise, "no road" last."""
+        return self.arch == REFERENCE_ARCH
 
-class MultiTaskRoadModel(nn.Module):
+    @property
+    def raw_input(self) -> bool:
+        """The reference network takes unscaled 0-255 pixels; ours take normalised ones."""
+        return self.arch == REFERENCE_ARCH
+
+
+def raw_pixel_scaling(bands: int) -> tuple[list[float], list[float]]:
+    """Normalisation (mean, std on the 0-1 scale) that turns 0-1 inputs back into raw 0-255 values."""
+    return [0.0] * bands, [1.0 / 255.0] * bands
+
+
+class FreezableEncoder(nn.Module):
+    """An ``encoder`` that can be frozen for real: no gradients, BatchNorm statistics kept."""
+
+    encoder: nn.Module
+    encoder_frozen: bool = False
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        self.encoder_frozen = frozen
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FreezableEncoder:
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The network of a spec: the reference architecture or an smp-based one."""
+    if spec.arch == REFERENCE_ARCH:
+        from .linknet_mtl import LinkNet34MTL
+
+        return LinkNet34MTL(spec)
+    return MultiTaskRoadModel(spec)
+
+
+class MultiTaskRoadModel(FreezableEncoder):
     """Returns ``(segmentation logits [B, 1+n_classes, H, W], orientation logits [B, 1+bins, H, W])``."""
+
+    SEG_HEAD = ("seg_head.",)
+    ORIENT_HEAD = ("orient_head.",)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         if spec.arch not in ARCHS:
-            raise ValueError(f"unknown architecture {spec.arch!r}; use one of {sorted(ARCHS)}")
+            raise ValueError(f"unknown architecture {spec.arch!r}; use one of {sorted([*ARCHS, REFERENCE_ARCH])}")
         self.spec = spec
         make = getattr(smp, ARCHS[spec.arch])
         seg = make(encoder_name=spec.backbone, encoder_weights=None, in_channels=spec.in_channels, classes=spec.n_classes + 1)
@@ -59,25 +107,28 @@ class MultiTaskRoadModel(nn.Module):
         """Road-mask logits only: classification needs no orientation, and this halves the decoding."""
         return self.seg_head(self.seg_decoder(self.encoder(x)))
 
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        """Freeze for real: no gradients, and BatchNorm statistics kept (eval mode) while frozen."""
-        self.encoder_frozen = frozen
-        for p in self.encoder.parameters():
-            p.requires_grad_(not frozen)
-        self.train(self.training)
 
-    def train(self, mode: bool = True) -> MultiTaskRoadModel:
-        super().train(mode)
-        if self.encoder_frozen:
-            self.encoder.eval()
-        return self
+# torchvision ResNet children as the reference's Sequential encoder numbers them.
+_SEQUENTIAL_RESNET = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
 
 
-def load_encoder_checkpoint(model: MultiTaskRoadModel, path: str | Path) -> None:
+def encoder_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of a torchvision/timm ResNet (or encoder-only) state dict as ``model.encoder`` names them."""
+    state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("fc.")}
+    if getattr(model, "spec", None) is not None and model.spec.arch == REFERENCE_ARCH:
+        renamed = {}
+        for k, v in state.items():
+            head, _, rest = k.partition(".")
+            renamed[f"{_SEQUENTIAL_RESNET.get(head, head)}.{rest}"] = v
+        state = renamed
+    return state
+
+
+def load_encoder_checkpoint(model: nn.Module, path: str | Path) -> int:
     """Load encoder weights from a local file (e.g. ImageNet weights staged on the cluster).
 
     Accepts a plain encoder state dict, or a torchvision/timm ResNet state dict (the
-    classifier ``fc.*`` keys are ignored).
+    classifier ``fc.*`` keys are ignored). Returns the number of tensors loaded.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,8 +139,16 @@ def load_encoder_checkpoint(model: MultiTaskRoadModel, path: str | Path) -> None
         raise InputError(path, f"cannot be read as a PyTorch state dict ({exc})", "use a .pth file saved with torch.save(model.state_dict())") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    if unexpected or len(missing) == len(model.encoder.state_dict()):
-        raise InputError(path, f"does not match the {model.spec.backbone} encoder (unexpected keys {unexpected[:3]}, {len(missing)} missing)", "use weights of the configured backbone")
-    log.info("loaded encoder weights from %s (%d tensors missing)", path, len(missing))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(path, "is not a state dict of tensors", "use a .pth file saved with torch.save(model.state_dict())")
+    state = encoder_state(model, state)
+    own = model.encoder.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong_shape:
+        raise InputError(path, f"does not match the {model.spec.backbone} encoder ({wrong_shape[0]} has shape {tuple(state[wrong_shape[0]].shape)}, the encoder's is {tuple(own[wrong_shape[0]].shape)})", "use weights of the configured backbone")
+    # nn.Module's own loader: segmentation-models-pytorch's encoders override it and return None.
+    missing, unexpected = nn.Module.load_state_dict(model.encoder, state, strict=False)
+    if unexpected or missing:  # a partial encoder (e.g. ResNet-18 weights for a ResNet-34) is refused too
+        raise InputError(path, f"does not match the {model.spec.backbone} encoder ({len(unexpected)} unexpected keys such as {list(unexpected)[:2]}, {len(missing)} missing such as {list(missing)[:2]})", "use weights of the configured backbone")
+    log.info("loaded %d encoder tensors from %s", len(own), path)
+    return len(own)

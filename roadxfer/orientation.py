@@ -8,6 +8,9 @@ is seen on screen (rows grow downwards).
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 from . import IGNORE_VALUE
 
@@ -45,3 +48,71 @@ def flip_bins(orient: np.ndarray, bin_size: int) -> np.ndarray:
     """Bins after mirroring the chip left-right or up-down (both map theta to 180 - theta)."""
     nb = n_bins(bin_size)
     return _map_bins(orient, lambda b: nb - 1 - b)
+
+
+# --- the reference layout and orientation targets for any model ------------------------------
+#
+# The reference network has 360 / orient_bin_size direction classes over the full circle,
+# measured clockwise from +x on screen (atan2 of row and column steps along the road's
+# keypoints, as in Batra et al.'s code), and a last class "no road". The direction of a
+# road along its keypoints is arbitrary, so both theta and theta + 180 are right answers.
+# For training and scoring we fold such a head into undirected classes laid out as ours:
+# 0 = no road, 1..k = directions over 180 degrees; the weights keep the reference layout.
+
+
+def target_lut(label_bin_size: int, *, reference_layout: bool, model_bins: int) -> np.ndarray:
+    """Map label orientation values (our 180-degree bins) to a model's undirected classes.
+
+    Returns a (256,) int64 table: 0 -> 0 (no road), bin i -> 1..k by the bin's centre
+    angle, 255 -> 255 (ignore). Identity for our own models with the label's bins.
+    """
+    n = n_bins(label_bin_size)
+    k = model_bins // 2 if reference_layout else model_bins
+    centre = (np.arange(1, n + 1) - 0.5) * label_bin_size  # counter-clockwise, 0-180
+    angle = np.mod(-centre, 180.0) if reference_layout else centre
+    lut = np.full(256, IGNORE_VALUE, np.int64)
+    lut[0] = 0
+    lut[1 : n + 1] = np.floor(angle / (180.0 / k)).astype(np.int64) % k + 1
+    return lut
+
+
+def undirected_log_probs(logits: torch.Tensor, *, reference_layout: bool) -> torch.Tensor:
+    """Log-probabilities over (no road, direction bins over 180 degrees) from a model's orientation logits.
+
+    For the reference layout, P(theta) + P(theta + 180) is the probability of the undirected
+    direction theta, so a road learnt in either direction scores the same.
+    """
+    logp = F.log_softmax(logits.float(), 1)
+    if not reference_layout:
+        return logp
+    k = (logits.shape[1] - 1) // 2
+    directions = torch.logaddexp(logp[:, :k], logp[:, k : 2 * k])
+    return torch.cat([logp[:, 2 * k :], directions], 1)
+
+
+def orientation_from_mask(road: np.ndarray, bin_size: int, *, sigma: float = 4.0) -> np.ndarray:
+    """Orientation values (0 no road, 1..n) for a road mask without drawn lines.
+
+    For tiles that carry only a road mask (as the reference tool exports them): the
+    direction along the road is perpendicular to the dominant gradient of the mask in a
+    neighbourhood of ``sigma`` pixels (structure tensor). Pixels with no gradient in
+    reach take the direction of the nearest pixel that has one.
+    """
+    road = np.asarray(road, bool)
+    out = np.zeros(road.shape, np.uint8)
+    if not road.any():
+        return out
+    m = ndimage.gaussian_filter(road.astype(np.float64), 1.0)
+    gx = ndimage.sobel(m, axis=1)
+    gy = -ndimage.sobel(m, axis=0)  # rows grow downwards; angles are counter-clockwise on screen
+    jxx = ndimage.gaussian_filter(gx * gx, sigma)
+    jyy = ndimage.gaussian_filter(gy * gy, sigma)
+    jxy = ndimage.gaussian_filter(gx * gy, sigma)
+    energy = jxx + jyy
+    normal = 0.5 * np.degrees(np.arctan2(2 * jxy, jxx - jyy))
+    known = energy > 1e-6 * energy.max()
+    if not known.all():
+        _, (ri, ci) = ndimage.distance_transform_edt(~known, return_indices=True)
+        normal = normal[ri, ci]
+    out[road] = angle_bin(normal[road] + 90.0, bin_size)
+    return out

@@ -10,6 +10,11 @@
 The ``.emd`` carries what classification needs (architecture, backbone, tile size,
 bands, classes, orientation bins, normalisation, cell size) and our provenance
 (parent weights' sha256, training data digest, training config, code version, metrics).
+A model of the reference architecture also gets ``<name>/arcgis/<name>/`` and
+``<name>/arcgis/<name>.dlpk`` in the reference tool's layout.
+
+:func:`load_package` also reads the reference tool's packages (a folder, its ``.emd`` or
+a ``.dlpk``; see :mod:`roadxfer.reference`).
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from . import __version__
+from . import __version__, reference
 from .atomic import atomic_path
 from .errors import InputError
-from .model import ModelSpec, MultiTaskRoadModel
+from .model import ModelSpec, build_model, raw_pixel_scaling
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +51,9 @@ def sha256_file(path: str | Path) -> str:
 class Package:
     path: Path
     emd: dict[str, Any]
-    model: MultiTaskRoadModel
+    model: nn.Module
     weights_sha256: str
+    reference_emd: dict[str, Any] | None = field(default=None)  # the fields read from a reference package
 
     @property
     def spec(self) -> ModelSpec:
@@ -87,15 +95,20 @@ def build_emd(name: str, spec: ModelSpec, *, tile_size: int, classes: list[dict[
         "ImageWidth": tile_size,
         "ModelParameters": {"backbone": spec.backbone, "mtl_model": spec.arch, "loss": "road_orient_loss"},
         "Classes": [{"Value": int(c["value"]), "Name": c["name"], "Color": list(c.get("color", [255, 0, 0]))} for c in classes],
-        "RoadOrientation": {"orient_bin_size": bin_size, "orient_bins": spec.orientation_bins, "angle_range": 180},
+        "RoadOrientation": {"orient_bin_size": bin_size, "orient_bins": spec.orientation_bins, "angle_range": 360 if spec.reference_layout else 180},
         "Normalization": {"mean": list(mean), "std": list(std)},
         "CellSize": cell_size,
         "roadxfer": {"version": __version__, "spec": spec.to_dict(), **provenance},
     }
 
 
-def write_package(folder: str | Path, model: MultiTaskRoadModel, emd: dict[str, Any], *, extras: dict[str, Path] | None = None, zip_dlpk: bool = False) -> Path:
-    """Write a package atomically: a finished package is never replaced by a half-written one."""
+def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, extras: dict[str, Path] | None = None, zip_dlpk: bool = False) -> Path:
+    """Write a package atomically: a finished package is never replaced by a half-written one.
+
+    A model of the reference architecture also gets ``arcgis/<name>/`` and
+    ``arcgis/<name>.dlpk`` in the reference tool's layout (one road class only: the
+    reference's inference knows no other).
+    """
     folder = Path(folder)
     name = folder.name
     with atomic_path(folder, directory=True) as tmp:
@@ -108,6 +121,12 @@ def write_package(folder: str | Path, model: MultiTaskRoadModel, emd: dict[str, 
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
+        spec = model.spec
+        if spec.reference_layout:
+            if spec.n_classes == 1:
+                reference.write_reference_package(tmp / "arcgis", name, spec, emd, weights, extras or {})
+            else:
+                log.warning("%s has %d road classes: the reference tool's road extractor has one, so no reference-layout copy is written", name, spec.n_classes)
         if zip_dlpk:
             archive = shutil.make_archive(str(tmp.parent / f".{name}-dlpk"), "zip", tmp)
             shutil.move(archive, tmp / f"{name}.dlpk")
@@ -122,21 +141,50 @@ def _find_emd(path: Path) -> Path:
         for c in candidates:
             if c.is_file():
                 return c
-    raise InputError(path, "is not a model package: no .emd model definition found", "point to the package folder written by the train rule (or its .emd file)")
+    raise InputError(path, "is not a model package: no .emd model definition found", "point to a package folder (roadxfer's or the reference tool's), its .emd file or a .dlpk")
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """Tensors only: ``weights_only=True`` refuses any pickled object instead of running it."""
+    if not weights.is_file():
+        raise InputError(weights, "model weights file is missing", "copy the whole package folder")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(weights, f"cannot be read as PyTorch weights ({str(exc).splitlines()[0]})", "use weights saved as a plain state dict; a file that holds other objects is refused, never run") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(weights, "is not a state dict of tensors", "use weights saved with torch.save(model.state_dict())")
+    return state
 
 
 def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Package:
-    """Load a package for classification or as a pretrained start; fails clearly on anything odd."""
+    """Load a package for classification or as a pretrained start; fails clearly on anything odd.
+
+    ``path``: a roadxfer package folder or its ``.emd``; a reference-tool model folder,
+    its ``.emd``, or its ``.dlpk`` (unpacked safely into a temporary folder).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "model package does not exist", "train it first or fix the path in the config")
+    if path.is_file() and path.suffix.lower() == ".dlpk":
+        with tempfile.TemporaryDirectory(prefix="roadxfer-dlpk-") as tmp:
+            reference.extract_dlpk(path, Path(tmp))
+            pkg = load_package(tmp, device=device)
+        pkg.path = path
+        return pkg
     emd_path = _find_emd(path)
     try:
         emd = json.loads(emd_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(emd_path, f"model definition is corrupt ({exc})", "re-export or re-train the model") from exc
+    if not isinstance(emd, dict):
+        raise InputError(emd_path, "model definition is not a JSON object", "re-export or re-train the model")
+    if reference.is_reference_emd(emd):
+        return _load_reference(emd_path, emd, device)
     if emd.get("Framework") != "roadxfer" or emd.get("ModelName") != "MultiTaskRoadExtractor":
-        raise InputError(emd_path, f"is a {emd.get('Framework')!r}/{emd.get('ModelName')!r} model, not a roadxfer MultiTaskRoadExtractor", "use a package trained by roadxfer")
+        raise InputError(emd_path, f"is a {emd.get('Framework')!r}/{emd.get('ModelName')!r} model, not a roadxfer or reference MultiTaskRoadExtractor", f"use a package trained by roadxfer or a reference {reference.SUPPORTED}")
     try:
         spec = ModelSpec(**emd["roadxfer"]["spec"])
     except (KeyError, TypeError) as exc:
@@ -148,30 +196,56 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Pac
     expected = emd["roadxfer"].get("weights_sha256")
     if expected and expected != digest:
         raise InputError(weights, "weights do not match the sha256 recorded in the .emd (corrupt or replaced)", "copy the package again")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(weights, f"cannot be read as PyTorch weights ({exc})", "copy the package again") from exc
-    model = MultiTaskRoadModel(spec)
+    model = _strict_model(spec, _read_weights(weights), weights)
+    model.to(device).eval()
+    return Package(emd_path.parent, emd, model, digest)
+
+
+def _strict_model(spec: ModelSpec, state: dict[str, torch.Tensor], weights: Path) -> nn.Module:
+    model = build_model(spec)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise InputError(weights, f"weights do not fit a {spec.arch}/{spec.backbone} model ({str(exc).splitlines()[0]})", "the .emd and .pth belong to different models") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        raise InputError(weights, f"weights do not fit a {spec.arch}/{spec.backbone} model ({detail})", "the .emd and .pth belong to different models") from exc
+    return model
+
+
+def _load_reference(emd_path: Path, emd: dict[str, Any], device: str | torch.device) -> Package:
+    """A reference-tool package, described by an ``.emd`` of ours built from its fields."""
+    spec, fields = reference.reference_spec(emd, emd_path)
+    weights = emd_path.parent / emd.get("ModelFile", f"{emd_path.stem}.pth")
+    if not weights.is_file():
+        raise InputError(weights, "model weights file named by the .emd (ModelFile) is missing", "copy the whole model folder, or use its .dlpk")
+    digest = sha256_file(weights)
+    model = _strict_model(spec, _read_weights(weights), weights)
+    mean, std = raw_pixel_scaling(spec.in_channels)
+    ours = build_emd(emd_path.stem, spec, tile_size=fields["ImageHeight"], classes=reference.our_classes(emd), bin_size=360 // spec.orientation_bins,
+                     mean=mean, std=std, cell_size=None, provenance={"imported_from": str(emd_path), "reference_emd": fields})
     model.to(device).eval()
-    return Package(emd_path.parent, emd, model, digest)
+    log.info("imported the reference model %s (%s/%s, %d orientation classes, raw 0-255 input)", emd_path, spec.arch, spec.backbone, spec.orientation_bins + 1)
+    return Package(emd_path.parent, ours, model, digest, reference_emd=fields)
 
 
 def check_compatible(pkg: Package, *, spec: ModelSpec, classes: list[dict[str, Any]], bands: int, tile_size: int, source: str | Path) -> list[str]:
     """Check a pretrained package can start training ``spec``; returns what must be re-initialised."""
     p = pkg.spec
-    if (p.arch, p.backbone) != (spec.arch, spec.backbone):
+    if p.arch == spec.arch and p.backbone != spec.backbone:
         raise InputError(pkg.path, f"is a {p.arch}/{p.backbone} model but the config asks for {spec.arch}/{spec.backbone}", "set training.arch/backbone to the pretrained model's, or train from scratch")
+    if p.arch != spec.arch:
+        raise InputError(pkg.path, f"is a {p.arch} model but the config asks for {spec.arch}", f"set training.arch: {p.arch} for this model, or train from scratch")
     if p.in_channels != bands:
         raise InputError(source, f"has {bands}-band tiles but the pretrained model {pkg.path} takes {p.in_channels} bands", "export tiles from imagery with the pretrained model's bands")
     if tile_size % 32:
         raise InputError(source, f"tile size {tile_size} is not a multiple of 32 as the pretrained model needs", "export tiles of 128, 256 or 512 px")
     reset = []
-    if [(c["Value"], c["Name"]) for c in pkg.classes] != [(int(c["value"]), c["name"]) for c in classes]:
+    theirs, ours = [(int(c["Value"]), str(c["Name"])) for c in pkg.classes], [(int(c["value"]), str(c["name"])) for c in classes]
+    if pkg.reference_emd is not None:
+        # Reference packages often name their class by its value ("1"): the values decide.
+        theirs, ours = [v for v, _ in theirs], [v for v, _ in ours]
+        if theirs == ours and pkg.classes != classes:
+            log.info("%s: class names %s taken as the config's %s (same values)", pkg.path, [c["Name"] for c in pkg.classes], [c["name"] for c in classes])
+    if theirs != ours:
         reset.append("segmentation head")
     if p.orientation_bins != spec.orientation_bins:
         reset.append("orientation head")

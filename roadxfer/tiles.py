@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ class TileSettings:
     seed: int = 0
     classes: Sequence[Mapping[str, Any]] = field(default_factory=lambda: ({"value": 1, "name": "road", "color": [255, 0, 0]},))
     orientation_bin_size: int = 10
+    # Value written in label chips where the image is nodata. 255 (ours) is ignored in
+    # training; the reference tool's trainer takes every non-zero label for road, so an
+    # export meant for it writes 0 (background) there instead.
+    label_nodata: int = IGNORE_VALUE
 
 
 def tile_windows(width: int, height: int, tile: int, stride: int) -> Iterator[Window]:
@@ -132,7 +137,9 @@ def export_tiles(
                     prof3 = _chip_profile(ext, i.shape[0], info.crs, wt, tile)
                     prof1 = _chip_profile(ext, 1, info.crs, wt, tile)
                     _write_chip(tmp / "images" / f"{stem}.{ext}", np.ascontiguousarray(i), prof3)
-                    _write_chip(tmp / "labels" / f"{stem}.{ext}", np.ascontiguousarray(l), prof1, IGNORE_VALUE)
+                    if settings.label_nodata != IGNORE_VALUE:
+                        l = np.where(l == IGNORE_VALUE, np.uint8(settings.label_nodata), l)  # noqa: E741
+                    _write_chip(tmp / "labels" / f"{stem}.{ext}", np.ascontiguousarray(l), prof1, IGNORE_VALUE if settings.label_nodata == IGNORE_VALUE else None)
                     _write_chip(tmp / "orientation" / f"{stem}.{ext}", np.ascontiguousarray(o), prof1, IGNORE_VALUE)
                     lines.append(f"images/{stem}.{ext} labels/{stem}.{ext}")
                     n += 1
@@ -181,6 +188,9 @@ def write_layout(
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write ``map.txt``, ``stats.txt``, ``esri_accumulated_stats.json`` and ``esri_model_definition.emd``."""
+    spaced = [line for line in lines if len(line.split()) != 2]
+    if spaced:  # map.txt is whitespace-separated: a chip path with a space would be misread
+        raise ValueError(f"chip paths with whitespace cannot go into map.txt: {spaced[0]!r}")
     (folder / "map.txt").write_text("".join(f"{line}\n" for line in lines))
     stats = {
         "Version": "1.0",
@@ -262,12 +272,13 @@ def read_dataset(root: str | Path) -> Dataset:
         raise InputError(root / "esri_model_definition.emd", "lists no Classes", "the .emd needs a Classes list of {Value, Name, Color}")
     images, labels, orient = [], [], []
     for n, raw in enumerate((root / "map.txt").read_text().splitlines(), start=1):
-        parts = raw.replace("\\", "/").split()
-        if not parts:
+        try:
+            parts = map_line_paths(raw)
+        except ValueError as exc:
+            raise InputError(root / "map.txt", f"line {n} {exc}", "each line must read `images/<stem>.<ext> labels/<stem>.<ext>`") from exc
+        if parts is None:
             continue
-        if len(parts) != 2:
-            raise InputError(root / "map.txt", f"line {n} does not have two paths", "each line must read `images/<stem>.<ext> labels/<stem>.<ext>`")
-        img, lbl = root / parts[0], root / parts[1]
+        img, lbl = _chip_path(root, parts[0]), _chip_path(root, parts[1])
         if not img.is_file() or not lbl.is_file():
             log.warning("%s: line %d names a missing chip, skipped (as Esri's loader does)", root / "map.txt", n)
             continue
@@ -286,6 +297,39 @@ def read_dataset(root: str | Path) -> Dataset:
         raise InputError(images[0], f"chip is not square ({size[1]}x{size[0]})", "export square tiles")
     return Dataset(root, tuple(images), tuple(labels), tuple(orient), classes, size[0], bands,
                    stats.get("MinCellSize"), str(stats.get("roadxfer", {}).get("SceneId", root.name)))
+
+
+_CHIP_EXT = r"\.(?:tif|tiff|png|jpg|jpeg|mrf)"
+_MAP_LINE = re.compile(rf"^\s*(?P<img>.+?{_CHIP_EXT})\s+(?P<lbl>.+?{_CHIP_EXT})\s*$", re.IGNORECASE)
+
+
+def map_line_paths(line: str) -> tuple[str, str] | None:
+    """The image and label path of one ``map.txt`` line (None for a blank line).
+
+    ``map.txt`` separates its two paths by whitespace, so a path with a space in it
+    (a folder such as ``My Tiles``) is split at the whitespace after the first chip
+    extension instead of at every space.
+    """
+    line = line.replace("\\", "/")
+    if not line.strip():
+        return None
+    parts = line.split()
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    m = _MAP_LINE.match(line)
+    if not m:
+        raise ValueError(f"does not hold two chip paths: {line!r}")
+    return m.group("img").strip(), m.group("lbl").strip()
+
+
+def _chip_path(root: Path, rel: str) -> Path:
+    """A chip of ``map.txt``: relative to the folder; an absolute path from another machine resolves by its last two parts."""
+    p = Path(rel)
+    if p.is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+        parts = rel.split("/")
+        local = root / parts[-2] / parts[-1]
+        return local if local.is_file() or not p.is_file() else p
+    return root / rel
 
 
 def gather(datasets: Sequence[str | Path], out_manifest: str | Path, *, role: str) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from . import IGNORE_VALUE, __version__
 from .atomic import atomic_path
 from .data import Augment, TileData, TrainSet, load_tiles, split
 from .errors import InputError
-from .model import ModelSpec, MultiTaskRoadModel, load_encoder_checkpoint
-from .orientation import n_bins
+from .model import REFERENCE_ARCH, ModelSpec, MultiTaskRoadModel, build_model, load_encoder_checkpoint, raw_pixel_scaling
+from .orientation import n_bins, target_lut, undirected_log_probs
 from .package import build_emd, check_compatible, load_package, write_package
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class TrainConfig:
     stage_tiles: bool = False  # copy the tile folders to node-local $TMPDIR before reading them
     keep_pretrained: bool = False  # keep what the pretrained model finds: its confident roads become labels
     keep_threshold: float = 0.5
+    reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -87,8 +88,12 @@ def set_threads(threads: int) -> int:
     return min(8, threads // 4)
 
 
-def seg_orient_loss(seg_logits: torch.Tensor, ori_logits: torch.Tensor, seg_t: torch.Tensor, ori_t: torch.Tensor, *, orientation_weight: float, dice_weight: float) -> torch.Tensor:
-    """Cross-entropy + soft Dice (road vs background) + weighted orientation cross-entropy; ignore pixels count in none."""
+def seg_orient_loss(seg_logits: torch.Tensor, ori_logp: torch.Tensor, seg_t: torch.Tensor, ori_t: torch.Tensor, *, orientation_weight: float, dice_weight: float) -> torch.Tensor:
+    """Cross-entropy + soft Dice (road vs background) + weighted orientation cross-entropy; ignore pixels count in none.
+
+    ``ori_logp``: undirected orientation log-probabilities and ``ori_t`` the targets in the
+    same classes (:func:`orientation_io`).
+    """
     valid = seg_t != IGNORE_VALUE
     if not valid.any():
         return seg_logits.sum() * 0.0
@@ -101,7 +106,7 @@ def seg_orient_loss(seg_logits: torch.Tensor, ori_logits: torch.Tensor, seg_t: t
         dice = 1 - (2 * inter + 1) / ((p_road * v).sum() + t.sum() + 1)
         loss = loss + dice_weight * dice
     if orientation_weight and (ori_t != IGNORE_VALUE).any():
-        loss = loss + orientation_weight * F.cross_entropy(ori_logits.float(), ori_t, ignore_index=IGNORE_VALUE)
+        loss = loss + orientation_weight * F.nll_loss(ori_logp, ori_t, ignore_index=IGNORE_VALUE)
     return loss
 
 
@@ -114,6 +119,16 @@ def data_digest(data: TileData) -> str:
     for arr in (data.images, data.seg, data.orient):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def orientation_io(model: torch.nn.Module, ori_logits: torch.Tensor, ori_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's orientation as undirected log-probabilities, and the label targets in those classes.
+
+    Label orientation comes in our 180-degree bins; ``model.orient_lut`` (set by
+    :func:`_attach_io`) maps it to the model's classes (the reference's 360-degree
+    layout is folded by :func:`roadxfer.orientation.undirected_log_probs`).
+    """
+    return undirected_log_probs(ori_logits, reference_layout=model.spec.reference_layout), model.orient_lut[ori_t]
 
 
 def make_optimizer(model: MultiTaskRoadModel, cfg: TrainConfig, *, encoder_trainable: bool) -> torch.optim.Optimizer:
@@ -134,6 +149,7 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
     for img, seg_t, ori_t in loader:
         img, seg_t, ori_t = img.to(device), seg_t.to(device), ori_t.to(device)
         seg, ori = model(_normalise(img, model))
+        ori, ori_t = orientation_io(model, ori, ori_t)
         total += float(seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight))
         batches += 1
         valid = seg_t != IGNORE_VALUE
@@ -166,6 +182,7 @@ def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scal
     dtype = amp_dtype(dev)
     with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         seg, ori = model(_normalise(img, model))
+        ori, ori_t = orientation_io(model, ori, ori_t)
         loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -205,13 +222,46 @@ def _normalise(img: torch.Tensor, model: MultiTaskRoadModel) -> torch.Tensor:
     return (img - model.norm_mean) / model.norm_std
 
 
-def _attach_norm(model: MultiTaskRoadModel, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+def _attach_io(model: torch.nn.Module, mean: Sequence[float], std: Sequence[float], label_bin_size: int, device: torch.device) -> None:
+    """Input normalisation and the label-orientation -> model-class table, on the model's device."""
     model.norm_mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     model.norm_std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    lut = target_lut(label_bin_size, reference_layout=model.spec.reference_layout, model_bins=model.spec.orientation_bins)
+    model.orient_lut = torch.from_numpy(lut).to(device)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def model_spec(cfg: TrainConfig, *, bands: int, n_classes: int, pretrained_spec: ModelSpec | None) -> ModelSpec:
+    """The spec to train: the reference architecture takes its bins from the pretrained model (or the config)."""
+    if cfg.arch == REFERENCE_ARCH:
+        if cfg.backbone != "resnet34":
+            log.info("training.arch %s is LinkNet with a ResNet-34 encoder: training.backbone %r is not used", REFERENCE_ARCH, cfg.backbone)
+        if pretrained_spec is not None and pretrained_spec.arch == REFERENCE_ARCH:
+            bins = pretrained_spec.orientation_bins
+        else:
+            if 180 % cfg.reference_orientation_bin_size:
+                raise InputError(None, f"training.reference_orientation_bin_size {cfg.reference_orientation_bin_size} does not divide 180", "use 10, 20 (the reference's default) or 30")
+            bins = 360 // cfg.reference_orientation_bin_size
+        return ModelSpec(arch=REFERENCE_ARCH, backbone="resnet34", in_channels=bands, n_classes=n_classes, orientation_bins=bins)
+    return ModelSpec(arch=cfg.arch, backbone=cfg.backbone, in_channels=bands, n_classes=n_classes, orientation_bins=n_bins(cfg.orientation_bin_size))
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The last epoch's checkpoint, or None; a corrupt or foreign file is set aside, never trusted or run.
+
+    ``weights_only=True``: a checkpoint holding pickled objects is refused without running them.
+    """
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not {"digest", "epoch", "model", "optimizer", "history", "best_state", "rng"} <= set(ckpt):
+            raise ValueError("it is not a roadxfer training checkpoint")
+        return ckpt
+    except Exception as exc:  # truncated, corrupt, foreign or malicious: all start over
+        aside = path.with_name(f"{path.name}.rejected-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(aside)
+        log.warning("%s cannot be used (%s): set aside as %s, training starts over", path, str(exc).splitlines()[0][:200], aside.name)
+        return None
 
 
 def train(
@@ -229,42 +279,47 @@ def train(
     workers = set_threads(threads)
     dev = pick_device(device)
     with stage(datasets, cfg.stage_tiles) as local:
-        data = load_tiles(local, classes)
+        data = load_tiles(local, classes, orientation_bin_size=cfg.orientation_bin_size)
     data.sources = [str(d) for d in datasets]
-    bins = n_bins(cfg.orientation_bin_size)
-    spec = ModelSpec(arch=cfg.arch, backbone=cfg.backbone, in_channels=data.bands, n_classes=len(classes), orientation_bins=bins)
+    pkg = load_package(pretrained) if pretrained else None
+    spec = model_spec(cfg, bands=data.bands, n_classes=len(classes), pretrained_spec=pkg.spec if pkg else None)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = MultiTaskRoadModel(spec)
+    model = build_model(spec)
     parent = None
-    if pretrained:
-        pkg = load_package(pretrained)
+    if pkg is not None:
         reset = check_compatible(pkg, spec=spec, classes=list(classes), bands=data.bands, tile_size=data.tile_size, source=data.sources[0])
         state = pkg.model.state_dict()
+        dropped: list[str] = []
         if reset:
             # Heads for other classes or bins keep this model's fresh (seeded) initialisation.
-            drop = tuple(prefix for name, prefix in (("segmentation head", "seg_head."), ("orientation head", "orient_head.")) if name in reset)
+            drop = tuple(p for name, prefixes in (("segmentation head", model.SEG_HEAD), ("orientation head", model.ORIENT_HEAD)) if name in reset for p in prefixes)
+            dropped = sorted(k for k in state if k.startswith(drop))
             state = {k: v for k, v in state.items() if not k.startswith(drop)}
-            log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s", " and ".join(reset))
+            log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s (%d tensors)", " and ".join(reset), len(dropped))
         model.load_state_dict(state, strict=not reset)
+        log.info("pretrained weights: %d tensor(s) loaded, %d re-initialised", len(state), len(dropped))
         mean, std = pkg.mean, pkg.std  # the encoder was trained on inputs normalised this way
         if cfg.keep_pretrained:
             added = keep_pretrained_roads(pkg, data, dev, cfg.keep_threshold, cfg.batch_size)
             log.info("keep_pretrained: %d background pixel(s) the pretrained model calls road become road labels", added)
-        parent = {"path": str(pkg.path), "weights_sha256": pkg.weights_sha256, "name": pkg.path.name}
+        parent = {"path": str(pkg.path), "weights_sha256": pkg.weights_sha256, "name": pkg.path.name,
+                  "tensors": {"loaded": len(state), "reinitialised": dropped}}
+        if pkg.reference_emd is not None:
+            parent["reference_emd"] = pkg.reference_emd
         log.info("starting from pretrained package %s (sha256 %s…)", pkg.path, pkg.weights_sha256[:12])
     else:
         if cfg.encoder_checkpoint:
             load_encoder_checkpoint(model, cfg.encoder_checkpoint)
-        mean, std = data.band_stats()
+        mean, std = raw_pixel_scaling(data.bands) if spec.raw_input else data.band_stats()
     if cfg.freeze and not pretrained and not cfg.encoder_checkpoint:
         log.warning("freeze is set but there is no pretrained model or encoder checkpoint: the encoder stays random")
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    _attach_norm(model, mean, std, dev)
+    _attach_io(model, mean, std, cfg.orientation_bin_size, dev)
 
     train_idx, val_idx = split(data, val_fraction=cfg.val_fraction, mode=cfg.val_split, seed=cfg.seed)
     aug = Augment(**cfg.augment)
@@ -282,8 +337,8 @@ def train(
 
     start_epoch, history, best, best_state, bad = 0, [], -1.0, None, 0
     frozen_now = cfg.freeze
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = _load_checkpoint(ckpt_path)
+    if ckpt is not None:
         if ckpt.get("digest") == digest:
             start_epoch, history, best, bad = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["bad"]
             best_state = ckpt["best_state"]
@@ -333,7 +388,7 @@ def train(
                  epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
         with atomic_path(ckpt_path) as tmp:
             torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
-                        "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": _rng_state()}, tmp)
+                        "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()}}, tmp)
         if cfg.patience and bad >= cfg.patience:
             log.info("early stop: validation road IoU did not improve for %d epochs", cfg.patience)
             stopped_early = True
@@ -341,7 +396,8 @@ def train(
 
     model.load_state_dict(best_state)
     best_metrics = max(history, key=lambda m: m["val_road_iou"] if len(val_idx) else -m["train_loss"])
-    emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=cfg.orientation_bin_size, mean=mean, std=std,
+    bin_size = 360 // spec.orientation_bins if spec.reference_layout else cfg.orientation_bin_size
+    emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=bin_size, mean=mean, std=std,
                     cell_size=data.cell_size, provenance={
                         "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes, "tiles": len(data), "sha256": data_sha256},
                         "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,

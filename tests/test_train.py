@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from roadxfer.data import load_tiles
 from roadxfer.demo import write_scene
 from roadxfer.errors import InputError
 from roadxfer.labels import LabelSettings, rasterize_scene
@@ -152,7 +153,7 @@ def test_changed_classes_reinitialise_heads(tiles, base_package, tmp_path, caplo
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
 
 
-def test_training_on_an_arcgis_exported_folder(tiles, tmp_path):
+def test_training_on_an_arcgis_exported_folder(tiles, tmp_path, caplog):
     """ArcGIS Pro's Classified Tiles: no orientation chips, backslashes in map.txt."""
     arc = tmp_path / "arcgis"
     shutil.copytree(tiles["transfer"], arc)
@@ -161,8 +162,19 @@ def test_training_on_an_arcgis_exported_folder(tiles, tmp_path):
     stats = json.loads((arc / "esri_accumulated_stats.json").read_text())
     stats.pop("roadxfer")
     (arc / "esri_accumulated_stats.json").write_text(json.dumps(stats))
-    best = train([arc], tmp_path / "m", TrainConfig(**{**FAST, "epochs": 1}), classes=ROAD, threads=1)
-    assert np.isnan(best["val_orient_acc"])  # no orientation targets: that loss and metric are skipped
+    with caplog.at_level(logging.WARNING):
+        best = train([arc], tmp_path / "m", TrainConfig(**{**FAST, "epochs": 1}), classes=ROAD, threads=1)
+    # No orientation chips: the targets are derived from the road mask, and the log says so.
+    assert "orientation targets derived from the road mask" in caplog.text
+    assert 0 <= best["val_orient_acc"] <= 1
+    drawn = load_tiles([tiles["transfer"]], ROAD)
+    derived = load_tiles([arc], ROAD, orientation_bin_size=10)
+    road = (drawn.orient > 0) & (drawn.orient != 255)
+    assert np.array_equal(derived.orient[drawn.orient == 255], drawn.orient[drawn.orient == 255])
+    diff = (derived.orient[road].astype(int) - drawn.orient[road]) % 18
+    assert (np.minimum(diff, 18 - diff) <= 1).mean() > 0.8  # within one 10-degree bin of the drawn lines'
+    silent = load_tiles([arc], ROAD)  # without a bin size nothing is derived, and the log says that too
+    assert (silent.orient == 255).all() and "orientation head is NOT trained" in caplog.text
 
 
 def test_compatibility_errors(tiles, base_package, tmp_path):
@@ -181,8 +193,8 @@ def test_compatibility_errors(tiles, base_package, tmp_path):
     (four / "base.emd").write_text("{ truncated")
     with pytest.raises(InputError, match=r"base\.emd: model definition is corrupt"):
         load_package(four)
-    (four / "base.emd").write_text(json.dumps({"Framework": "arcgis.learn.models._inferencing", "ModelName": "MultiTaskRoadExtractor"}))
-    with pytest.raises(InputError, match="not a roadxfer MultiTaskRoadExtractor"):
+    (four / "base.emd").write_text(json.dumps({"Framework": "PyTorch", "ModelName": "UnetClassifier"}))
+    with pytest.raises(InputError, match="not a roadxfer or reference MultiTaskRoadExtractor"):
         load_package(four)
     other = tmp_path / "unet"
     train([tiles["base"]], other, TrainConfig(**{**FAST, "epochs": 1, "arch": "unet"}), classes=ROAD, threads=1)

@@ -100,3 +100,23 @@ def test_small_demo_runs_end_to_end(tmp_path):
     report = (wf / "results/report/report.html").read_text()
     assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
     assert "Did the transfer work?" in report and "weights sha256" in report
+
+
+def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
+    """`pretrained:` pointing at a model saved by the reference tool: import, transfer, classify, export back."""
+    fixture = ROOT / "tests" / "data" / "arcgis-mtre-linknet34"
+    wf = tiny_workflow(tmp_path, extra=(
+        f"models: {{transfer: {{pretrained: '{fixture}', training: {{arch: linknet34_mtl, epochs: 1}}}}}}\n"
+        "classify: {models: [transfer]}\n"
+    ))
+    out = smk("--configfile", "cfg.yaml", "--cores", "2", "results/classified/transfer/x1/classes.tif", cwd=wf)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not (wf / "results/models/base").exists()  # the reference package is the start: no base model is trained
+    emd = json.loads((wf / "results/models/transfer/transfer.emd").read_text())
+    assert emd["ModelParameters"]["mtl_model"] == "linknet34_mtl" and emd["roadxfer"]["parent"]["reference_emd"]["ArcGISLearnVersion"] == "2.4.4"
+    exported = json.loads((wf / "results/models/transfer/arcgis/transfer/transfer.emd").read_text())
+    assert exported["Framework"] == "arcgis.learn.models._inferencing" and exported["ImageHeight"] == 64
+    assert (wf / "results/models/transfer/arcgis/transfer.dlpk").is_file()
+    with rasterio.open(wf / "results/classified/transfer/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
+        assert (c.transform, c.shape) == (img.transform, img.shape)
+    assert "imported the reference model" in (wf / "logs/models/transfer.log").read_text()
