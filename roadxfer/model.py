@@ -15,6 +15,7 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
@@ -50,6 +51,20 @@ class ModelSpec:
 def raw_pixel_scaling(bands: int) -> tuple[list[float], list[float]]:
     """Normalisation (mean, std on the 0-1 scale) that turns 0-1 inputs back into raw 0-255 values."""
     return [0.0] * bands, [1.0 / 255.0] * bands
+
+
+def undirected_log_probs(logits: torch.Tensor, *, reference_layout: bool) -> torch.Tensor:
+    """Log-probabilities over (no road, direction bins over 180 degrees) from a model's orientation logits.
+
+    For the reference layout, P(theta) + P(theta + 180) is the probability of the undirected
+    direction theta, so a road learnt in either direction scores the same.
+    """
+    logp = F.log_softmax(logits.float(), 1)
+    if not reference_layout:
+        return logp
+    k = (logits.shape[1] - 1) // 2
+    directions = torch.logaddexp(logp[:, :k], logp[:, k : 2 * k])
+    return torch.cat([logp[:, 2 * k :], directions], 1)
 
 
 class FreezableEncoder(nn.Module):

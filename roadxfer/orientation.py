@@ -8,8 +8,6 @@ is seen on screen (rows grow downwards).
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from . import IGNORE_VALUE
@@ -57,7 +55,8 @@ def flip_bins(orient: np.ndarray, bin_size: int) -> np.ndarray:
 # keypoints, as in Batra et al.'s code), and a last class "no road". The direction of a
 # road along its keypoints is arbitrary, so both theta and theta + 180 are right answers.
 # For training and scoring we fold such a head into undirected classes laid out as ours:
-# 0 = no road, 1..k = directions over 180 degrees; the weights keep the reference layout.
+# 0 = no road, 1..k = directions over 180 degrees (roadxfer.model.undirected_log_probs);
+# the weights keep the reference layout. (No torch here: the geo rules import this module.)
 
 
 def target_lut(label_bin_size: int, *, reference_layout: bool, model_bins: int) -> np.ndarray:
@@ -74,20 +73,6 @@ def target_lut(label_bin_size: int, *, reference_layout: bool, model_bins: int) 
     lut[0] = 0
     lut[1 : n + 1] = np.floor(angle / (180.0 / k)).astype(np.int64) % k + 1
     return lut
-
-
-def undirected_log_probs(logits: torch.Tensor, *, reference_layout: bool) -> torch.Tensor:
-    """Log-probabilities over (no road, direction bins over 180 degrees) from a model's orientation logits.
-
-    For the reference layout, P(theta) + P(theta + 180) is the probability of the undirected
-    direction theta, so a road learnt in either direction scores the same.
-    """
-    logp = F.log_softmax(logits.float(), 1)
-    if not reference_layout:
-        return logp
-    k = (logits.shape[1] - 1) // 2
-    directions = torch.logaddexp(logp[:, :k], logp[:, k : 2 * k])
-    return torch.cat([logp[:, 2 * k :], directions], 1)
 
 
 def orientation_from_mask(road: np.ndarray, bin_size: int, *, sigma: float = 4.0) -> np.ndarray:

@@ -31,8 +31,8 @@ from . import IGNORE_VALUE, __version__
 from .atomic import atomic_path
 from .data import Augment, TileData, TrainSet, load_tiles, split
 from .errors import InputError
-from .model import REFERENCE_ARCH, ModelSpec, MultiTaskRoadModel, build_model, load_encoder_checkpoint, raw_pixel_scaling
-from .orientation import n_bins, target_lut, undirected_log_probs
+from .model import REFERENCE_ARCH, ModelSpec, MultiTaskRoadModel, build_model, load_encoder_checkpoint, raw_pixel_scaling, undirected_log_probs
+from .orientation import n_bins, target_lut
 from .package import build_emd, check_compatible, load_package, write_package
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def orientation_io(model: torch.nn.Module, ori_logits: torch.Tensor, ori_t: torc
 
     Label orientation comes in our 180-degree bins; ``model.orient_lut`` (set by
     :func:`_attach_io`) maps it to the model's classes (the reference's 360-degree
-    layout is folded by :func:`roadxfer.orientation.undirected_log_probs`).
+    layout is folded by :func:`roadxfer.model.undirected_log_probs`).
     """
     return undirected_log_probs(ori_logits, reference_layout=model.spec.reference_layout), model.orient_lut[ori_t]
 

@@ -27,8 +27,8 @@ from roadxfer.data import load_tiles
 from roadxfer.demo import write_scene
 from roadxfer.errors import InputError
 from roadxfer.labels import LabelSettings, rasterize_scene
-from roadxfer.model import ModelSpec, build_model, load_encoder_checkpoint
-from roadxfer.orientation import target_lut, undirected_log_probs
+from roadxfer.model import ModelSpec, build_model, load_encoder_checkpoint, undirected_log_probs
+from roadxfer.orientation import target_lut
 from roadxfer.package import load_package
 from roadxfer.tiles import TileSettings, export_tiles, read_dataset, write_layout
 from roadxfer.train import TrainConfig, train
