@@ -235,6 +235,8 @@ def centrelines_from_raster(
     gdf["length_m"] = metric.length.to_numpy() * (1.0 if crs is None or crs.is_geographic else float(crs.linear_units_factor[1]))
     with atomic_path(out_path) as tmp:
         pyogrio.write_dataframe(gdf, tmp, layer="centrelines", driver="GPKG", geometry_type="LineString")
+        if pyogrio.read_info(tmp, layer="centrelines")["features"] != len(gdf):
+            raise OSError(f"{tmp}: the GeoPackage does not hold the {len(gdf)} line(s) written")
     log.info("%s: %d centreline(s), %.0f m in all", out_path, len(gdf), float(gdf["length_m"].sum()))
     return len(gdf)
 

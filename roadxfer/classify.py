@@ -10,8 +10,8 @@ rows are written out at once, so memory does not depend on the scene's size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +25,10 @@ import torch
 from rasterio.windows import Window
 
 from . import IGNORE_VALUE
-from .atomic import atomic_path
+from .atomic import atomic_path, check_room, scratch_dir
 from .errors import InputError
 from .package import Package, load_package
-from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, image_info, read_window
+from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, check_written, image_info, read_window
 from .raster import tile_starts as starts
 from .train import amp_dtype, pick_device, set_threads
 
@@ -209,8 +209,8 @@ def classify_scene(
             el = now - t0
             log.info("%s: tiles %d/%d (%.0f%%), %.1f tiles/s, %.2f Mpx/s", Path(image).name, done, total, 100 * done / total, done / el, done * tile * tile / el / 1e6)
 
-    with tempfile.TemporaryDirectory(dir=Path(out_class).parent if Path(out_class).parent.exists() else None) as scratch:
-        scratch = Path(scratch)
+    # Scratch beside the outputs (same disk as the final COGs); a killed job's is removed next time.
+    with scratch_dir(Path(out_class).parent, "classify") as scratch:
         cls_tmp, prob_tmp = scratch / "class.tif", scratch / "prob.tif"
         prob_dtype = settings.probability_dtype
         with rasterio.open(image) as src, rasterio.open(cls_tmp, "w", **profile, dtype="uint8", nodata=IGNORE_VALUE) as cls_dst:
@@ -241,17 +241,24 @@ def classify_scene(
             finally:
                 if prob_dst is not None:
                     prob_dst.close()
+        check_room(scratch)
         seconds = time.perf_counter() - t0
-        with atomic_path(out_class) as tmp:
-            write_cog(cls_tmp, tmp, categorical=True)
-        if out_probability:
-            with atomic_path(out_probability) as tmp:
-                write_cog(prob_tmp, tmp, categorical=False)
-    lines = None
-    if out_centrelines:
-        from .centrelines import centrelines_from_raster
+        lines = None
+        # All outputs are written and checked first, then committed together.
+        with contextlib.ExitStack() as outputs:
+            cls_out = outputs.enter_context(atomic_path(out_class))
+            write_cog(cls_tmp, cls_out, categorical=True)
+            check_written(cls_out, info.width, info.height)
+            if out_probability:
+                prob_out = outputs.enter_context(atomic_path(out_probability))
+                write_cog(prob_tmp, prob_out, categorical=False)
+                check_written(prob_out, info.width, info.height)
+            if out_centrelines:
+                from .centrelines import centrelines_from_raster
 
-        lines = centrelines_from_raster(out_class, out_centrelines, classes=pkg.classes, min_length=settings.min_line_length, bridge=settings.bridge_gaps)
+                lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=pkg.classes,
+                                                min_length=settings.min_line_length, bridge=settings.bridge_gaps)
+            check_room(Path(out_class).parent)
     n_tiles = count_tiles(info.height, info.width, tile, overlap)
     summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": info.width * info.height / seconds / 1e6, "device": str(device), "centrelines": lines}
     log.info("%s classified in %.1f s (%.2f Mpx/s) on %s", image, seconds, summary["megapixels_per_s"], device)

@@ -31,7 +31,7 @@ from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
 from .orientation import angle_bin
-from .raster import GTIFF_PROFILE, ImageInfo, block_windows, image_info, read_window
+from .raster import GTIFF_PROFILE, ImageInfo, block_windows, check_written, image_info, read_window
 from .vectors import LINE_TYPES, class_values, read_vectors
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ def rasterize_scene(
         "nodata": IGNORE_VALUE,
     }
     counts = np.zeros(256, np.int64)
-    with atomic_path(out_label) as tmp_label, atomic_path(out_orientation) as tmp_orient:
+    # The two rasters and the summary are committed together, and only once every check passed.
+    with atomic_path(out_label) as tmp_label, atomic_path(out_orientation) as tmp_orient, atomic_path(out_summary) as tmp_summary:
         with rasterio.open(image) as src, rasterio.open(tmp_label, "w", **profile) as dst_l, rasterio.open(tmp_orient, "w", **profile) as dst_o:
             for window in block_windows(info.width, info.height, BLOCK):
                 wt = window_transform(window, info.transform)
@@ -216,21 +217,22 @@ def rasterize_scene(
                 counts += np.bincount(label.ravel(), minlength=256)
                 dst_l.write(label, 1, window=window)
                 dst_o.write(orient, 1, window=window)
-    labelled = int(counts[1:IGNORE_VALUE].sum())
-    if labelled == 0 and training:
-        raise InputError(labels, f"burning its features into {image} labelled no pixel", "check the buffer radius and that the features overlap the image")
-    summary = {
-        "image": str(image),
-        "labels": str(labels),
-        "features": int(len(gdf)),
-        "features_off_raster": off,
-        "buffer_radius": settings.buffer_radius,
-        "buffer_radius_px": radius_px,
-        "orientation_bin_size": settings.orientation_bin_size,
-        "pixels_per_class": {str(v): int(c) for v, c in enumerate(counts) if c and v not in (0,)},
-        "background_pixels": int(counts[0]),
-    }
-    with atomic_path(out_summary) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        labelled = int(counts[1:IGNORE_VALUE].sum())
+        if labelled == 0 and training:
+            raise InputError(labels, f"burning its features into {image} labelled no pixel", "check the buffer radius and that the features overlap the image")
+        summary = {
+            "image": str(image),
+            "labels": str(labels),
+            "features": int(len(gdf)),
+            "features_off_raster": off,
+            "buffer_radius": settings.buffer_radius,
+            "buffer_radius_px": radius_px,
+            "orientation_bin_size": settings.orientation_bin_size,
+            "pixels_per_class": {str(v): int(c) for v, c in enumerate(counts) if c and v not in (0,)},
+            "background_pixels": int(counts[0]),
+        }
+        tmp_summary.write_text(json.dumps(summary, indent=2))
+        for raster in (tmp_label, tmp_orient):
+            check_written(raster, info.width, info.height)
     log.info("%s: %d feature(s), %d labelled pixel(s), radius %.2f px", image, len(gdf), labelled, radius_px)
     return summary

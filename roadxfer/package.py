@@ -113,7 +113,10 @@ def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, 
     name = folder.name
     with atomic_path(folder, directory=True) as tmp:
         weights = tmp / f"{name}.pth"
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state, weights)
+        if set(torch.load(weights, map_location="cpu", weights_only=True)) != set(state):  # re-read before the commit
+            raise OSError(f"{weights}: the weights read back differ from those written")
         emd = {**emd, "ModelFile": f"{name}.pth"}
         emd["roadxfer"] = {**emd.get("roadxfer", {}), "weights_sha256": sha256_file(weights)}
         (tmp / f"{name}.emd").write_text(json.dumps(emd, indent=2))

@@ -161,3 +161,11 @@ def tile_starts(n: int, tile: int, stride: int) -> list[int]:
     if s[-1] != n - tile:
         s.append(n - tile)
     return s
+
+
+def check_written(path: str | Path, width: int, height: int) -> None:
+    """A cheap re-open of a raster just written: the right size, and its last block reads."""
+    with rasterio.open(path) as src:
+        if (src.width, src.height) != (width, height):
+            raise OSError(f"{path}: written raster is {src.width}x{src.height}, expected {width}x{height}")
+        src.read(1, window=Window(width - 1, height - 1, 1, 1))

@@ -44,3 +44,26 @@ def check_sheet(df: pd.DataFrame, sheet: str | Path, *, producible: Collection[s
             if str(Path(value)) not in producible and not Path(value).exists():
                 raise InputError(sheet, f"{where}: {col} file {value!r} does not exist", "fix the path (relative paths are relative to the working directory)")
     return df.set_index("scene_id", drop=False)
+
+
+def check_scene_sizes(df: pd.DataFrame, sheet: str | Path, *, tile_size: int, max_nodata_fraction: float) -> None:
+    """At DAG time, from the headers: a training scene too small to give one tile fails now, not in training.
+
+    A scene smaller than a tile gives one window padded with nodata; it is skipped when
+    the padding is more than ``max_nodata_fraction`` of it. Images that do not exist yet
+    (made by a rule) are checked by the export step itself.
+    """
+    import rasterio
+
+    for row in df.itertuples(index=False):
+        if row.role not in TRAINING_ROLES or not Path(row.image).is_file():
+            continue
+        try:
+            with rasterio.open(row.image) as src:
+                w, h = src.width, src.height
+        except rasterio.errors.RasterioIOError as exc:
+            raise InputError(row.image, f"cannot be opened as a raster ({exc})", f"fix or replace the image of scene {row.scene_id!r} in {sheet}") from exc
+        covered = min(w, tile_size) * min(h, tile_size) / tile_size**2
+        if 1 - covered > max_nodata_fraction:
+            raise InputError(row.image, f"scene {row.scene_id!r} is {w}x{h} px, too small for one {tile_size} px tile ({100 * (1 - covered):.0f}% of it would be padding, more than tiles.max_nodata_fraction {max_nodata_fraction})",
+                             "use a smaller tiles.tile_size, a larger scene, or a higher tiles.max_nodata_fraction")

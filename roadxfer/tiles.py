@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.io import MemoryFile
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
@@ -75,9 +76,33 @@ def _chip_profile(fmt: str, count: int, crs: Any, transform: Any, tile: int) -> 
     return prof
 
 
-def _write_chip(path: Path, data: np.ndarray, profile: Mapping[str, Any], nodata: int | None = None) -> None:
-    with rasterio.open(path, "w", **profile, **({"nodata": nodata} if nodata is not None else {})) as dst:
-        dst.write(data if data.ndim == 3 else data[None])
+def _write_chip(path: Path, data: np.ndarray, profile: Mapping[str, Any], nodata: int | None = None) -> int:
+    """Encode the chip in memory, then write its bytes with Python's checked I/O.
+
+    libtiff reports a failed flush (a full disk) only on stderr and GDAL does not raise
+    on close, so a chip written in place can come out empty without an error. Returns
+    the bytes written.
+    """
+    with MemoryFile() as mem:
+        with mem.open(**profile, **({"nodata": nodata} if nodata is not None else {})) as dst:
+            dst.write(data if data.ndim == 3 else data[None])
+        blob = mem.read()
+    with open(path, "wb") as f:
+        if f.write(blob) != len(blob):
+            raise OSError(f"short write of {path}")
+    return len(blob)
+
+
+def verify_chips(folder: Path, sizes: Mapping[str, int]) -> None:
+    """Before the commit: every chip written is on disk with its size, and a sample re-opens."""
+    for rel, size in sizes.items():
+        path = folder / rel
+        if not path.is_file() or path.stat().st_size != size:
+            raise OSError(f"{path}: chip on disk is not what was written (failed write?)")
+    names = sorted(sizes)
+    for rel in names[:: max(1, len(names) // 64)]:
+        with rasterio.open(folder / rel) as src:
+            src.read(1, window=Window(0, 0, 1, 1))
 
 
 def export_tiles(
@@ -108,7 +133,8 @@ def export_tiles(
     band_min = np.full(len(info.bands), np.inf)
     band_max = np.full(len(info.bands), -np.inf)
     valid_px = 0
-    lines = []
+    lines: list[str] = []
+    sizes: dict[str, int] = {}
     n = 0
     skipped_nodata = skipped_empty = 0
     with atomic_path(out_dir, directory=True) as tmp:
@@ -136,11 +162,12 @@ def export_tiles(
                     o = rotate_bins(o, k, settings.orientation_bin_size) if k else o
                     prof3 = _chip_profile(ext, i.shape[0], info.crs, wt, tile)
                     prof1 = _chip_profile(ext, 1, info.crs, wt, tile)
-                    _write_chip(tmp / "images" / f"{stem}.{ext}", np.ascontiguousarray(i), prof3)
                     if settings.label_nodata != IGNORE_VALUE:
                         l = np.where(l == IGNORE_VALUE, np.uint8(settings.label_nodata), l)  # noqa: E741
-                    _write_chip(tmp / "labels" / f"{stem}.{ext}", np.ascontiguousarray(l), prof1, IGNORE_VALUE if settings.label_nodata == IGNORE_VALUE else None)
-                    _write_chip(tmp / "orientation" / f"{stem}.{ext}", np.ascontiguousarray(o), prof1, IGNORE_VALUE)
+                    for rel, arr, prof, nodata in ((f"images/{stem}.{ext}", i, prof3, None),
+                                                   (f"labels/{stem}.{ext}", l, prof1, IGNORE_VALUE if settings.label_nodata == IGNORE_VALUE else None),
+                                                   (f"orientation/{stem}.{ext}", o, prof1, IGNORE_VALUE)):
+                        sizes[rel] = _write_chip(tmp / rel, np.ascontiguousarray(arr), prof, nodata)
                     lines.append(f"images/{stem}.{ext} labels/{stem}.{ext}")
                     n += 1
                     counts = np.bincount(l.ravel(), minlength=256)
@@ -155,6 +182,10 @@ def export_tiles(
                     band_min = np.minimum(band_min, px.min(1))
                     band_max = np.maximum(band_max, px.max(1))
                     valid_px += k
+        if n == 0:  # checked before anything is committed
+            raise InputError(image, f"gave no tile: {skipped_nodata} window(s) of {tile} px were mostly nodata and {skipped_empty} had no labelled pixel",
+                             "use a smaller tiles.tile_size (the scene is {0}x{1} px), a higher tiles.max_nodata_fraction, or tiles.keep: all".format(info.width, info.height))
+        verify_chips(tmp, sizes)
         mean = band_sum / max(valid_px, 1)
         std = np.sqrt(np.maximum(band_sq / max(valid_px, 1) - mean**2, 0))
         stats = write_layout(
@@ -270,6 +301,7 @@ def read_dataset(root: str | Path) -> Dataset:
     )
     if not classes:
         raise InputError(root / "esri_model_definition.emd", "lists no Classes", "the .emd needs a Classes list of {Value, Name, Color}")
+    ours = "roadxfer" in stats  # exported by roadxfer (ArcGIS Pro's folders carry no such key)
     images, labels, orient = [], [], []
     for n, raw in enumerate((root / "map.txt").read_text().splitlines(), start=1):
         try:
@@ -280,8 +312,13 @@ def read_dataset(root: str | Path) -> Dataset:
             continue
         img, lbl = _chip_path(root, parts[0]), _chip_path(root, parts[1])
         if not img.is_file() or not lbl.is_file():
+            if ours:  # our export verified every chip before its commit: the folder was damaged since
+                raise InputError(img if not img.is_file() else lbl, f"is listed in line {n} of {root / 'map.txt'} but missing: the tile folder is damaged",
+                                 f"delete {root} and run the export step again")
             log.warning("%s: line %d names a missing chip, skipped (as Esri's loader does)", root / "map.txt", n)
             continue
+        if ours and (img.stat().st_size == 0 or lbl.stat().st_size == 0):
+            raise InputError(img if img.stat().st_size == 0 else lbl, "chip is empty (0 bytes): the tile folder is damaged", f"delete {root} and run the export step again")
         images.append(img)
         labels.append(lbl)
         o = root / "orientation" / lbl.name

@@ -5,10 +5,12 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)
 
+from roadxfer.config import check_config
 from roadxfer.errors import InputError
-from roadxfer.sheet import TRAINING_ROLES, check_sheet, read_sheet
+from roadxfer.sheet import TRAINING_ROLES, check_scene_sizes, check_sheet, read_sheet
 
 validate(config, schema="../schemas/config.schema.yaml")
+check_config(config, source="config (merged --configfile files)")
 
 DEMO_DIR = config["demo"]["outdir"]
 DEMO_FILES = [
@@ -18,6 +20,12 @@ DEMO_FILES = [
 _sheet = read_sheet(config["scenes"])
 validate(_sheet, schema="../schemas/scenes.schema.yaml")
 scenes = check_sheet(_sheet, config["scenes"], producible=DEMO_FILES)
+check_scene_sizes(
+    _sheet,
+    config["scenes"],
+    tile_size=config["tiles"]["tile_size"],
+    max_nodata_fraction=config["tiles"]["max_nodata_fraction"],
+)
 
 ROLES = sorted(set(scenes["role"]))
 

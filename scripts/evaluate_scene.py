@@ -19,5 +19,6 @@ run_logged(
         scene_id=sm.wildcards.scene,
         model=sm.wildcards.model,
         layer=row["layer"] or None,
+        where=row["filter"] or None,  # the lines the scene's labels were made from
     ),
 )

@@ -84,13 +84,31 @@ def test_outputs_on_input_grid_with_nodata(tmp_path, package):
 
 
 def test_tta_and_float32_probability(tmp_path, package):
-    image = make_raster(tmp_path / "img.tif", size=(70, 70))
+    image = make_raster(tmp_path / "img.tif", size=(64, 64))  # one tile: no blending
     classify_scene(image, package, tmp_path / "c.tif", out_probability=tmp_path / "p.tif", settings=ClassifySettings(tta=True, probability_dtype="float32", threshold=0.5))
     with rasterio.open(tmp_path / "p.tif") as p:
         prob = p.read(1)
         assert p.dtypes[0] == "float32" and np.isfinite(prob).all() and 0 <= prob.min() and prob.max() <= 1
     with rasterio.open(tmp_path / "c.tif") as c:
         np.testing.assert_array_equal(c.read(1), (prob >= 0.5).astype(np.uint8))
+    # The expected answer, computed here: P(road) averaged over the 8 flips/rotations, each mapped back.
+    from roadxfer.package import load_package
+
+    pkg = load_package(package)
+    with rasterio.open(image) as src:
+        x = src.read().astype(np.float32) / 255.0
+    mean, std = np.array(pkg.mean, np.float32)[:, None, None], np.array(pkg.std, np.float32)[:, None, None]
+    views = []
+    for flip in (False, True):
+        xf = x[:, :, ::-1] if flip else x
+        for k in range(4):
+            xv = np.ascontiguousarray(np.rot90(xf, k, (1, 2)))
+            with torch.no_grad():
+                p_road = 1 - torch.softmax(pkg.model.segment(torch.from_numpy((xv - mean) / std)[None]), 1)[0, 0].numpy()
+            back = np.rot90(p_road, -k)
+            views.append(back[:, ::-1] if flip else back)
+    np.testing.assert_allclose(prob, np.mean(views, 0), atol=1e-5)
+    assert np.abs(views[0] - np.mean(views, 0)).max() > 1e-3  # the views differ: TTA is not a no-op here
 
 
 @pytest.mark.parametrize(("kw", "pattern"), [({"count": 2}, r"img\.tif: has 2 image band\(s\)"), ({"count": 5}, r"img\.tif: has 5 image band\(s\)"), ({"dtype": "uint16"}, r"img\.tif: has pixel type uint16")])

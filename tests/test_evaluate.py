@@ -14,7 +14,6 @@ from shapely.geometry import LineString
 
 from roadxfer.apls import apls
 from roadxfer.evaluate import EvalSettings, aggregate, counts, evaluate_scene, mask_metrics, ratios
-from roadxfer.labels import LabelSettings, rasterize_scene
 
 INF = np.full((10, 10), np.inf)
 
@@ -75,8 +74,11 @@ def test_evaluate_scene_on_real_files(tmp_path):
     image = make_raster(tmp_path / "img.tif", size=(200, 200), alpha_zero=(slice(0, 200), slice(190, 200)))
     lines = [LineString([(X0, Y0 - 25), (X0 + 100, Y0 - 25)]), LineString([(X0, Y0 - 75), (X0 + 100, Y0 - 75)])]
     labels = make_vectors(tmp_path / "ref.gpkg", lines, Classvalue=[1, 1], road_type=["paved", "trail"])
-    # A "prediction" that is exactly the buffered paved road.
-    rasterize_scene(image, labels, tmp_path / "pred.tif", tmp_path / "o.tif", tmp_path / "s.json", LabelSettings(buffer_radius=2.0), where="road_type = 'paved'")
+    # A "prediction" drawn by hand, not with the buffering code evaluation uses: the paved
+    # road at y = Y0 - 25 m is row 50 (0.5 m cells); 2 m either side are rows 46-53.
+    pred = np.zeros((1, 200, 200), np.uint8)
+    pred[0, 46:54, :] = 1
+    make_raster(tmp_path / "pred.tif", size=(200, 200), count=1, data=pred)
     result = evaluate_scene(image, tmp_path / "pred.tif", None, labels, tmp_path / "m.json", EvalSettings(buffer_radius=2.0, ignore_windows=[[0, 0, 10, 10]]), scene_id="s", model="m")
     rows = {r["road_type"]: r for r in result["rows"]}
     assert rows["paved"]["f1"] == 1.0 and rows["trail"]["recall"] == 0.0

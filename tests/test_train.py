@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,7 +114,8 @@ def test_loss_decreases_on_a_tiny_dataset(tiles, tmp_path):
 
 def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int) -> list[str]:
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import logging, sys; sys.path.insert(0, %r)\n"
+        "logging.basicConfig(level=logging.INFO)\n"
         "from roadxfer.train import TrainConfig, train\n"
         "train([%r], %r, TrainConfig(**%r), classes=%r, workdir=%r, threads=1)\n"
     ) % (str(ROOT), str(tiles), str(out), {**FAST, "epochs": epochs}, ROAD, str(workdir))
@@ -127,16 +129,19 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["epoch"] >= 1:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)  # as SLURM preemption does
     proc.wait()
     assert not (tmp_path / "resumed").exists()  # nothing that looks like a finished package
-    done = torch.load(ckpt, weights_only=False)["epoch"] + 1
+    done = torch.load(ckpt, weights_only=True)["epoch"] + 1
     assert 1 < done + 1 <= epochs
-    subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs), check=True)
+    rerun = subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs), check=True, capture_output=True, text=True)
+    # It resumed: only the epochs after the checkpoint ran (a fresh start would log epoch 1 again).
+    assert f"resuming from {ckpt} after epoch {done}" in rerun.stderr
+    assert [int(e) for e in re.findall(rf"epoch (\d+)/{epochs}  train_loss", rerun.stderr)] == list(range(done + 1, epochs + 1))
     a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     hist = json.loads((tmp_path / "resumed" / "resumed.emd").read_text())["roadxfer"]["history"]

@@ -1,0 +1,70 @@
+"""Checks on the configuration that its JSON schema cannot express, run before any job starts.
+
+The schema (``schemas/config.schema.yaml``) refuses unknown keys and bad values at every
+level it describes. Here: the per-model ``training`` overrides (validated as the merged
+settings each model trains with), and rules across fields, each with the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import InputError
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+ROLES = ("base", "transfer", "test", "predict")
+
+
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:
+    """Raise :class:`InputError` naming the key and the fix for the first rule the config breaks."""
+    training_schema = _schema()["properties"]["training"]
+    models = config.get("models", {})
+    for name, model in models.items():
+        merged = {**config.get("training", {}), **(model.get("training") or {})}
+        errors = sorted(jsonschema.Draft202012Validator(training_schema).iter_errors(merged), key=lambda e: list(e.path))
+        if errors:
+            err = errors[0]
+            where = ".".join(str(p) for p in err.path)
+            raise InputError(source, f"models.{name}.training{'.' + where if where else ''}: {err.message}",
+                             "use the keys and values of `training:` (config/config.yaml lists them all)")
+        pretrained = model.get("pretrained")
+        if model.get("freeze") and not pretrained and not merged.get("encoder_checkpoint"):
+            raise InputError(source, f"models.{name} sets freeze: true but has no pretrained model or training.encoder_checkpoint, so a random encoder would be frozen",
+                             f"give models.{name}.pretrained (a model of this list or a package path) or set freeze: false")
+        if merged.get("keep_pretrained") and not pretrained:
+            raise InputError(source, f"models.{name} sets training.keep_pretrained but has no pretrained model", f"give models.{name}.pretrained or set keep_pretrained: false")
+        unfreeze = merged.get("unfreeze_after")
+        if unfreeze is not None and model.get("freeze") and unfreeze >= merged.get("epochs", 30):
+            raise InputError(source, f"models.{name}: training.unfreeze_after {unfreeze} is not below its {merged.get('epochs')} epochs, so the encoder would never be unfrozen",
+                             "lower unfreeze_after, raise epochs, or drop unfreeze_after to keep the encoder frozen throughout")
+        if pretrained and pretrained not in models and not Path(pretrained).exists():
+            raise InputError(source, f"models.{name}.pretrained {pretrained!r} is neither a model of `models:` nor an existing path",
+                             f"use one of {sorted(models)} or the path of a package folder, .emd or .dlpk")
+        for entry in model.get("datasets", []):
+            if entry not in ROLES and not Path(entry).exists():
+                raise InputError(source, f"models.{name}.datasets entry {entry!r} is neither a role ({', '.join(ROLES)}) nor an existing Classified Tiles folder",
+                                 "fix the role name or the folder path")
+    _check_classify_geometry(config, source)
+
+
+def _check_classify_geometry(config: Mapping[str, Any], source: str) -> None:
+    cls = config.get("classify", {})
+    tile = cls.get("tile_size") or config.get("tiles", {}).get("tile_size", 256)
+    overlap = cls.get("overlap")
+    overlap = tile // 4 if overlap is None else overlap
+    margin = cls.get("margin")
+    margin = overlap // 4 if margin is None else margin
+    if overlap >= tile:
+        raise InputError(source, f"classify.overlap {overlap} is not smaller than the tile size {tile}", f"use an overlap below {tile} (the default is a quarter of the tile, {tile // 4})")
+    if overlap and 2 * margin >= overlap:
+        raise InputError(source, f"classify.margin {margin} is not below half the overlap {overlap}, so no pixel between two tiles would get a weight",
+                         f"use a margin below {max(overlap // 2, 1)} (the default is a quarter of the overlap)")
