@@ -325,6 +325,8 @@ def read_dataset(root: str | Path) -> Dataset:
         orient.append(o if o.is_file() else None)
     if not images:
         raise InputError(root, "holds no image/label chips", "export tiles that contain features, or point the config at another folder")
+    if ours and int(stats.get("NumTiles", len(images))) != len(images):
+        raise InputError(root / "map.txt", f"lists {len(images)} chip(s) but the export wrote {stats['NumTiles']}: the tile folder is damaged", f"delete {root} and run the export step again")
     tile_x, tile_y = int(stats.get("TileSizeX", 0)), int(stats.get("TileSizeY", 0))
     with rasterio.open(images[0]) as first:
         size, bands = (first.height, first.width), first.count

@@ -120,3 +120,31 @@ def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
     with rasterio.open(wf / "results/classified/transfer/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
         assert (c.transform, c.shape) == (img.transform, img.shape)
     assert "imported the reference model" in (wf / "logs/models/transfer.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("trainin: {epochs: 3}\n", "Additional properties are not allowed ('trainin' was unexpected)"),
+        ("models: {transfer: {training: {epoch: 3}}}\n", "models.transfer.training: Additional properties are not allowed ('epoch' was unexpected)"),
+        ("models: {transfer: {training: {lr: -1}}}\n", "models.transfer.training.lr: -1 is less than or equal to the minimum of 0"),
+        ("classify: {overlap: 64}\n", "classify.overlap 64 is not smaller than the tile size 64"),
+        ("classify: {overlap: 16, margin: 8}\n", "classify.margin 8 is not below half the overlap 16"),
+        ("models: {scratch: {freeze: true}}\n", "models.scratch sets freeze: true but has no pretrained model"),
+        ("models: {transfer: {training: {unfreeze_after: 5}}}\n", "training.unfreeze_after 5 is not below its 1 epochs"),
+        ("models: {transfer: {datasets: [trasfer]}}\n", "models.transfer.datasets entry 'trasfer' is neither a role"),
+    ],
+)
+def test_config_mistakes_fail_at_parse_time(tmp_path, extra, message):
+    wf = tiny_workflow(tmp_path, extra=extra)
+    out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
+    assert out.returncode != 0 and message in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_a_training_scene_too_small_for_a_tile_fails_at_dag_time(tmp_path):
+    wf = tiny_workflow(tmp_path, extra="tiles: {tile_size: 512}\n")
+    ok = smk("--configfile", "cfg.yaml", "--cores", "1", "resources/demo/t1.tif", cwd=wf)  # the scene exists once made
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
+    assert out.returncode != 0
+    assert "t1.tif: scene 't1' is 256x256 px, too small for one 512 px tile" in out.stdout + out.stderr
