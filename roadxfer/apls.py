@@ -12,7 +12,6 @@ line ends, junctions and points every ``spacing`` along the lines (in CRS units)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import combinations
 from typing import Any
 
 import networkx as nx
@@ -65,22 +64,35 @@ def _inject(b: nx.Graph, points: np.ndarray, snap: float) -> tuple[nx.Graph, dic
     return g, match
 
 
+def sample_pairs(n: int, max_pairs: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """Node pairs as ``{source: targets}``: all of them when there are at most ``max_pairs``.
+
+    Otherwise about ``sqrt(max_pairs)`` random sources with random targets each, drawn
+    without listing the ``n (n - 1) / 2`` pairs: memory and shortest-path searches stay
+    bounded by ``max_pairs``, not by the square of the graph's size.
+    """
+    if n * (n - 1) // 2 <= max_pairs:
+        return {i: np.arange(i + 1, n) for i in range(n - 1)}
+    n_src = min(n, int(np.ceil(np.sqrt(max_pairs))))
+    per = min(n - 1, int(np.ceil(max_pairs / n_src)))
+    out = {}
+    for src in rng.choice(n, n_src, replace=False).tolist():
+        targets = rng.choice(n - 1, per, replace=False)
+        out[src] = targets + (targets >= src)  # skip the source itself
+    return out
+
+
 def _one_sided(a: nx.Graph, b: nx.Graph, snap: float, max_pairs: int, rng: np.random.Generator) -> float:
     nodes = list(a.nodes)
     if len(nodes) < 2:
         return 0.0
     b_inj, match = _inject(b, np.asarray(nodes, dtype=float), snap)
-    pairs = list(combinations(range(len(nodes)), 2))
-    if len(pairs) > max_pairs:
-        pairs = [pairs[i] for i in rng.choice(len(pairs), max_pairs, replace=False)]
-    by_source: dict[int, list[int]] = {}
-    for i, j in pairs:
-        by_source.setdefault(i, []).append(j)
+    by_source = sample_pairs(len(nodes), max_pairs, rng)
     diffs = []
     for i, targets in by_source.items():
         la = nx.single_source_dijkstra_path_length(a, nodes[i], weight="weight")
         lb = nx.single_source_dijkstra_path_length(b_inj, match[i], weight="weight") if i in match else {}
-        for j in targets:
+        for j in targets.tolist():
             length_a = la.get(nodes[j])
             if not length_a:
                 continue  # no path in this graph: the pair says nothing

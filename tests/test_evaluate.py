@@ -142,3 +142,15 @@ def test_report_targets_known_answers():
     assert out["paved: transfer F1 >= base F1 - 0.03"]
     rows[3]["f1"] = 0.90  # transfer paved now 0.04 below base
     assert not targets(pd.DataFrame(rows), "base", "transfer", "scratch").set_index("check")["pass"]["paved: transfer F1 >= base F1 - 0.03"]
+
+
+def test_apls_pairs_are_sampled_without_listing_them():
+    from roadxfer.apls import sample_pairs
+
+    rng = np.random.default_rng(0)
+    small = sample_pairs(10, 1000, rng)
+    assert sum(len(t) for t in small.values()) == 45  # every pair when there are few
+    big = sample_pairs(2_000_000, 1000, rng)  # 2e12 pairs: listing them would need terabytes
+    assert len(big) == 32 and 1000 <= sum(len(t) for t in big.values()) <= 1100
+    for src, targets in big.items():
+        assert src not in targets and targets.min() >= 0 and targets.max() < 2_000_000 and len(set(targets.tolist())) == len(targets)
