@@ -27,6 +27,7 @@ from skimage.morphology import skeletonize
 
 from .atomic import atomic_path
 from .raster import cell_size_metres
+from .styles import add_gpkg_style, centreline_qml, complete_classes
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +206,19 @@ def centrelines_from_raster(
     min_length: float = 5.0,
     bridge: float = 0.0,
     simplify: float | None = None,
+    probability: str | Path | None = None,
+    probability_scale: float = 250.0,
 ) -> int:
-    """Write road centrelines of every class as a GeoPackage of LineStrings (``class_value``, ``class_name``, ``length_m``).
+    """Write road centrelines of every class as a GeoPackage of LineStrings.
 
-    Side branches shorter than ``min_length`` (metres) and networks shorter than it are
-    dropped; dead ends are joined across gaps up to ``bridge`` metres (0: never).
+    Attributes: ``class_value``, ``class_name``, ``length_m`` and, with a ``probability``
+    raster (road probability times ``probability_scale``), ``mean_probability`` and
+    ``min_probability`` (0-1) sampled every cell along the line. The layer's QGIS style
+    is stored in the GeoPackage as its default. Side branches shorter than
+    ``min_length`` (metres) and networks shorter than it are dropped; dead ends are
+    joined across gaps up to ``bridge`` metres (0: never).
     """
+    classes = complete_classes(classes)
     records = []
     with rasterio.open(classified) as src:
         transform, crs = src.transform, src.crs
@@ -218,8 +226,7 @@ def centrelines_from_raster(
         cell_m = cell_size_metres(crs, cell)
         min_px, bridge_px = min_length / cell_m, bridge / cell_m
         for c in classes:
-            value = int(c.get("Value", c.get("value")))
-            name = c.get("Name", c.get("name", str(value)))
+            value, name = c["value"], c["name"]
 
             def reader(window: Window, value: int = value) -> np.ndarray:
                 return src.read(1, window=window) == value
@@ -233,11 +240,28 @@ def centrelines_from_raster(
     gdf = gpd.GeoDataFrame(records, geometry="geometry", crs=crs) if records else gpd.GeoDataFrame({"class_value": [], "class_name": []}, geometry=[], crs=crs)
     metric = gdf.to_crs(gdf.estimate_utm_crs()) if (crs is not None and crs.is_geographic and len(gdf)) else gdf
     gdf["length_m"] = metric.length.to_numpy() * (1.0 if crs is None or crs.is_geographic else float(crs.linear_units_factor[1]))
+    if probability is not None:
+        gdf["mean_probability"], gdf["min_probability"] = line_probabilities(gdf.geometry, probability, probability_scale, step=cell)
     with atomic_path(out_path) as tmp:
         pyogrio.write_dataframe(gdf, tmp, layer="centrelines", driver="GPKG", geometry_type="LineString")
         if pyogrio.read_info(tmp, layer="centrelines")["features"] != len(gdf):
             raise OSError(f"{tmp}: the GeoPackage does not hold the {len(gdf)} line(s) written")
+        add_gpkg_style(tmp, "centrelines", centreline_qml(classes))
     log.info("%s: %d centreline(s), %.0f m in all", out_path, len(gdf), float(gdf["length_m"].sum()))
     return len(gdf)
 
 
+
+
+def line_probabilities(lines: gpd.GeoSeries, probability: str | Path, scale: float, *, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and minimum road probability (0-1) along each line, sampled every ``step`` CRS units."""
+    means, mins = np.full(len(lines), np.nan), np.full(len(lines), np.nan)
+    with rasterio.open(probability) as src:
+        nodata = src.nodata
+        for i, line in enumerate(lines):
+            pts = shapely.get_coordinates(shapely.line_interpolate_point(line, np.arange(0.0, line.length + step / 2, step)))
+            vals = np.fromiter((v[0] for v in src.sample(pts)), float, len(pts))
+            vals = vals[np.isfinite(vals) & (vals != nodata)] if nodata is not None and np.isfinite(nodata) else vals[np.isfinite(vals)]
+            if len(vals):
+                means[i], mins[i] = vals.mean() / scale, vals.min() / scale
+    return means, mins

@@ -29,6 +29,7 @@ from .atomic import atomic_path, check_room, scratch_dir
 from .errors import InputError
 from .package import Package, load_package
 from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, check_written, image_info, read_window
+from .styles import classes_qml, colour_table, complete_classes, probability_qml, raster_tags, rat_aux_xml
 from .raster import tile_starts as starts
 from .train import amp_dtype, pick_device, set_threads
 
@@ -195,7 +196,9 @@ def classify_scene(
         if not 1 / settings.cell_size_tolerance <= ratio <= settings.cell_size_tolerance:
             log.warning("%s has %.3g m cells but the model was trained at %.3g m (x%.2f): results may be poor; resample the scene (gdalwarp -tr) to the model's cell size",
                         image, scene_cell, model_cell, ratio)
-    values = np.array([0] + [int(c["Value"]) for c in pkg.classes], np.uint8)
+    classes = complete_classes(pkg.classes)
+    values = np.array([0] + [c["value"] for c in classes], np.uint8)
+    tags = raster_tags(model=pkg.path.name, weights_sha256=pkg.weights_sha256, image=image, threshold=settings.threshold, tta=settings.tta, classes=classes)
     n_out = len(values)
     predict = model_predict_fn(pkg, device, tta=settings.tta)
     profile = {**GTIFF_PROFILE, "width": info.width, "height": info.height, "count": 1, "crs": info.crs, "transform": info.transform}
@@ -214,10 +217,16 @@ def classify_scene(
         cls_tmp, prob_tmp = scratch / "class.tif", scratch / "prob.tif"
         prob_dtype = settings.probability_dtype
         with rasterio.open(image) as src, rasterio.open(cls_tmp, "w", **profile, dtype="uint8", nodata=IGNORE_VALUE) as cls_dst:
+            # Colour table, band description and tags go with the data into the COGs.
+            cls_dst.write_colormap(1, colour_table(classes))
+            cls_dst.set_band_description(1, "road class (" + ", ".join(f"{c['value']} {c['name']}" for c in classes) + f"; 0 background, {IGNORE_VALUE} nodata)")
+            cls_dst.update_tags(**tags)
             prob_dst = None
             if out_probability:
                 prob_nodata = IGNORE_VALUE if prob_dtype == "uint8" else np.nan
                 prob_dst = rasterio.open(prob_tmp, "w", **{**profile, "predictor": 2 if prob_dtype == "uint8" else 3}, dtype=prob_dtype, nodata=prob_nodata)
+                prob_dst.set_band_description(1, "road probability (0-250 = 0-1, 255 nodata)" if prob_dtype == "uint8" else "road probability (0-1, NaN nodata)")
+                prob_dst.update_tags(**tags)
             try:
                 for y, probs, valid in stitch(src, info, predict, n_out, tile=tile, overlap=overlap, margin=margin, batch_size=settings.batch_size, device=device, progress=progress):
                     road = 1 - probs[0]
@@ -249,15 +258,20 @@ def classify_scene(
             cls_out = outputs.enter_context(atomic_path(out_class))
             write_cog(cls_tmp, cls_out, categorical=True)
             check_written(cls_out, info.width, info.height)
+            sidecars = {Path(f"{out_class}.aux.xml"): rat_aux_xml(classes), Path(out_class).with_suffix(".qml"): classes_qml(classes)}
             if out_probability:
                 prob_out = outputs.enter_context(atomic_path(out_probability))
                 write_cog(prob_tmp, prob_out, categorical=False)
                 check_written(prob_out, info.width, info.height)
+                sidecars[Path(out_probability).with_suffix(".qml")] = probability_qml(prob_dtype)
+            for path, text in sidecars.items():  # the attribute table and the QGIS styles, committed with the rasters
+                outputs.enter_context(atomic_path(path)).write_text(text)
             if out_centrelines:
                 from .centrelines import centrelines_from_raster
 
-                lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=pkg.classes,
-                                                min_length=settings.min_line_length, bridge=settings.bridge_gaps)
+                lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=classes,
+                                                min_length=settings.min_line_length, bridge=settings.bridge_gaps,
+                                                probability=prob_tmp if out_probability else None, probability_scale=250.0 if prob_dtype == "uint8" else 1.0)
             check_room(Path(out_class).parent)
     n_tiles = count_tiles(info.height, info.width, tile, overlap)
     summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": info.width * info.height / seconds / 1e6, "device": str(device), "centrelines": lines}

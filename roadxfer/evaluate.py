@@ -170,7 +170,7 @@ def evaluate_scene(
     rows = [{"scene": scene_id, "model": model, "road_type": t, **c, **ratios(c)} for t, c in per_type.items()]
     result: dict[str, Any] = {"scene": scene_id, "model": model, "rows": rows}
     if centrelines is not None:
-        prop = gpd.read_file(centrelines)
+        prop = gpd.read_file(centrelines, layer="centrelines")
         crs = ref_lines.crs
         if crs is not None and crs.is_geographic:
             utm = ref_lines.estimate_utm_crs()

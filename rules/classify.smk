@@ -7,6 +7,10 @@ rule classify_scene:
         classes="results/classified/{model}/{scene}/classes.tif",
         probability="results/classified/{model}/{scene}/probability.tif",
         centrelines="results/classified/{model}/{scene}/centrelines.gpkg",
+        # Raster attribute table and QGIS styles, which GIS software picks up by their names.
+        attribute_table="results/classified/{model}/{scene}/classes.tif.aux.xml",
+        classes_style="results/classified/{model}/{scene}/classes.qml",
+        probability_style="results/classified/{model}/{scene}/probability.qml",
     params:
         settings=config["classify"],
     log:

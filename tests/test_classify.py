@@ -80,7 +80,62 @@ def test_outputs_on_input_grid_with_nodata(tmp_path, package):
     assert prob[:, 20:].max() <= 250
     assert summary["tiles"] == len(starts(90, 64, 48)) * len(starts(130, 64, 48))
     assert (out / "l.gpkg").is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["c.tif", "l.gpkg", "p.tif"]  # no temporaries left
+    # The outputs with their attribute table and styles, and no temporaries left.
+    assert sorted(p.name for p in out.iterdir()) == ["c.qml", "c.tif", "c.tif.aux.xml", "l.gpkg", "p.qml", "p.tif"]
+
+
+def test_outputs_describe_themselves(tmp_path, package):
+    """Colour table, attribute table, band descriptions, tags, QGIS styles; still valid COGs."""
+    import sqlite3
+    import xml.etree.ElementTree as ET
+
+    from rio_cogeo.cogeo import cog_validate
+
+    image = make_raster(tmp_path / "img.tif", size=(90, 130))
+    out = tmp_path / "out"
+    classify_scene(image, package, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
+                   settings=ClassifySettings(threshold=0.4))
+    with rasterio.open(out / "classes.tif") as c, rasterio.open(out / "probability.tif") as p:
+        assert c.colormap(1)[1] == (255, 0, 0, 255) and c.colormap(1)[0][:3] == (0, 0, 0)  # TIFF palettes hold no alpha: the QGIS style hides the background
+        assert c.descriptions[0].startswith("road class (1 road") and p.descriptions[0].startswith("road probability")
+        for ds in (c, p):
+            tags = ds.tags()
+            assert tags["ROADXFER_MODEL"] == "m" and len(tags["ROADXFER_MODEL_WEIGHTS_SHA256"]) == 64
+            assert tags["ROADXFER_THRESHOLD"] == "0.4" and tags["ROADXFER_TTA"] == "false" and tags["ROADXFER_INPUT_SCENE"] == str(image)
+            assert tags["ROADXFER_VERSION"] and tags["ROADXFER_CREATED"].endswith("Z")
+    for raster in ("classes.tif", "probability.tif"):
+        valid, errors, _ = cog_validate(str(out / raster))
+        assert valid, errors
+    rat = ET.parse(out / "classes.tif.aux.xml").getroot().find("PAMRasterBand/GDALRasterAttributeTable")
+    assert [f.findtext("Name") for f in rat.findall("FieldDefn")] == ["Value", "Class_Name", "Red", "Green", "Blue"]
+    assert [[v.text for v in row.findall("F")] for row in rat.findall("Row")] == [["0", "background", "0", "0", "0"], ["1", "road", "255", "0", "0"]]
+    palette = ET.parse(out / "classes.qml").getroot().find("pipe/rasterrenderer")
+    assert palette.get("type") == "paletted" and palette.find("colorPalette/paletteEntry[@value='1']").get("label") == "road"
+    assert ET.parse(out / "probability.qml").getroot().find("pipe/rasterrenderer").get("type") == "singlebandpseudocolor"
+    with sqlite3.connect(out / "centrelines.gpkg") as con:
+        (qml, default), = con.execute("SELECT styleQML, useAsDefault FROM layer_styles WHERE f_table_name = 'centrelines'").fetchall()
+    assert default == 1 and ET.fromstring(qml.split("\n", 1)[1]).find("renderer-v2").get("attr") == "class_value"
+    lines = gpd.read_file(out / "centrelines.gpkg", layer="centrelines")
+    assert {"class_value", "class_name", "length_m", "mean_probability", "min_probability"} <= set(lines.columns)
+    if len(lines):
+        assert (lines["min_probability"] <= lines["mean_probability"]).all() and lines["mean_probability"].between(0, 1).all()
+
+
+def test_gdal_reads_the_attribute_table(tmp_path, package):
+    """What GDAL itself makes of classes.tif (needs GDAL's command-line tools: gdal-bin)."""
+    import json
+    import shutil
+    import subprocess
+
+    if not shutil.which("gdalinfo"):
+        pytest.skip("gdalinfo not installed (apt-get install gdal-bin)")
+    image = make_raster(tmp_path / "img.tif", size=(64, 64))
+    classify_scene(image, package, tmp_path / "classes.tif")
+    info = json.loads(subprocess.run(["gdalinfo", "-json", str(tmp_path / "classes.tif")], capture_output=True, text=True, check=True).stdout)
+    band = info["bands"][0]
+    assert band["colorInterpretation"] == "Palette" and band["description"].startswith("road class")
+    rows = {r["f"][0]: r["f"][1] for r in info["rat"]["row"]}
+    assert rows == {0: "background", 1: "road"} and info["metadata"][""]["ROADXFER_MODEL"] == "m"
 
 
 def test_tta_and_float32_probability(tmp_path, package):
@@ -144,7 +199,7 @@ def test_centrelines_of_a_known_network(tmp_path, monkeypatch, block):
     monkeypatch.setattr(cl, "HALO", 16)
     raster = _mask_raster(tmp_path / "m.tif", _network())
     n = cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5)
-    gdf = gpd.read_file(tmp_path / "l.gpkg")
+    gdf = gpd.read_file(tmp_path / "l.gpkg", layer="centrelines")
     assert n == len(gdf) == 5  # four arms of the cross, one L
     arms = sorted(gdf.length.round())
     assert arms[-1] == pytest.approx(200, abs=8)  # the L: 100 + 100
@@ -183,7 +238,7 @@ def test_centrelines_of_a_ragged_road_stay_connected(tmp_path):
         m[r - 2 * (side < 0): r + 2 * (side > 0) + (side > 0), c: c + 3] = 1
     raster = _mask_raster(tmp_path / "m.tif", m, cell=0.3)
     cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5)
-    gdf = gpd.read_file(tmp_path / "l.gpkg")
+    gdf = gpd.read_file(tmp_path / "l.gpkg", layer="centrelines")
     merged = shapely.line_merge(shapely.union_all(list(gdf.geometry)))
     assert merged.geom_type == "LineString"  # one piece from end to end, no spur left
     assert 0.9 * 380 * 0.3 < merged.length <= 380 * 0.3  # the skeleton stops short of the square ends

@@ -128,3 +128,18 @@ def test_geo_rules_do_not_need_torch():
     code = "import sys; import roadxfer.glue, roadxfer.demo, roadxfer.labels, roadxfer.tiles, roadxfer.evaluate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_config_readme_is_generated_from_the_schemas():
+    """config/README.md describes every key and sheet column; regenerate it when a schema changes."""
+    from roadxfer.schema_docs import README, render
+
+    text = render()
+    assert README.read_text() == text, "config/README.md is stale: run `python -m roadxfer.schema_docs --write`"
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+    for section in ("tiles", "training", "classify", "evaluation"):
+        for key in schema["properties"][section]["properties"]:
+            assert f"`{section}.{key}`" in text
+    assert "`scene_id` (required)" in text and "`filter`" in text

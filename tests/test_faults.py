@@ -97,7 +97,7 @@ def _outputs(step: str, out: Path) -> dict[str, bytes | np.ndarray]:
         else:
             import geopandas as gpd
 
-            got[name] = np.asarray(sorted(g.wkb for g in gpd.read_file(p).geometry))
+            got[name] = np.asarray(sorted(g.wkb for g in gpd.read_file(p, layer="centrelines").geometry))
     return got
 
 
