@@ -10,6 +10,11 @@ min_version("9.0")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# Snakemake's own report (snakemake --report report.zip) shows our results beside the
+# provenance it records; results/report/report.html is our self-contained report.
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/labels.smk"

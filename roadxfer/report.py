@@ -9,6 +9,7 @@ base and transfer, and the provenance a paper needs (config, data, models, code)
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import html
 import io
@@ -34,19 +35,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 OVERLAY = np.array([230, 30, 30], np.float32)
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def _uri(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
-def _img_uri(img: Image.Image, fmt: str = "PNG", **kw: Any) -> str:
+def _img_bytes(img: Image.Image, fmt: str = "PNG", **kw: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
-def bar_charts(summary: pd.DataFrame, models: list[str]) -> str:
+def bar_charts(summary: pd.DataFrame, models: list[str]) -> bytes:
+    """F1 and recall per road type and model, as PNG bytes."""
     import matplotlib.pyplot as plt
 
     types = [t for t in summary["road_type"].unique() if t != "all"] + ["all"]
@@ -62,9 +62,10 @@ def bar_charts(summary: pd.DataFrame, models: list[str]) -> str:
         ax.set_title(f"pixel {metric.upper() if metric == 'f1' else metric} per road type")
         ax.legend()
     fig.tight_layout()
-    uri = _png(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return uri
+    return buf.getvalue()
 
 
 def pick_window(classified: Mapping[str, str], baseline: str, transfer: str, size: int) -> Window:
@@ -96,8 +97,8 @@ def _label(img: Image.Image, text: str) -> Image.Image:
     return img
 
 
-def scene_figures(scene: str, image: str, classified: Mapping[str, str], baseline: str, transfer: str, size: int) -> tuple[str, str, Window]:
-    """A side-by-side PNG (input | each model) and a GIF switching baseline <-> transfer, as data URIs."""
+def scene_figures(scene: str, image: str, classified: Mapping[str, str], baseline: str, transfer: str, size: int) -> tuple[bytes, bytes, Window]:
+    """A side-by-side PNG (input | each model) and a GIF switching baseline <-> transfer (bytes of each)."""
     win = pick_window(classified, baseline, transfer, size)
     with rasterio.open(image) as src:
         img = src.read([1, 2, 3], window=win)
@@ -111,10 +112,8 @@ def scene_figures(scene: str, image: str, classified: Mapping[str, str], baselin
     strip = Image.new("RGB", (w * len(panels) + 6 * (len(panels) - 1), h), (255, 255, 255))
     for i, p in enumerate(panels):
         strip.paste(p, (i * (w + 6), 0))
-    gif = [frames[baseline], frames[transfer]]
-    buf = io.BytesIO()
-    gif[0].save(buf, format="GIF", save_all=True, append_images=gif[1:], duration=900, loop=0)
-    return _img_uri(strip), "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode(), win
+    gif = _img_bytes(frames[baseline], "GIF", save_all=True, append_images=[frames[transfer]], duration=900, loop=0)
+    return _img_bytes(strip), gif, win
 
 
 def _table(df: pd.DataFrame, cls: str = "") -> str:
@@ -186,8 +185,15 @@ def write_report(
     test_scenes: Mapping[str, str],
     config: Mapping[str, Any],
     scene_sheet: str | Path,
+    items: Mapping[str, str | Path] | None = None,
 ) -> None:
-    """Write the report; every image is inlined, so the single file can be mailed or archived."""
+    """Write the report; every image is inlined, so the single file can be mailed or archived.
+
+    ``items`` (optional) also writes the report's parts as files for Snakemake's own
+    report: ``targets`` (CSV), ``charts`` (PNG), and the folders ``before_after``
+    (``<scene>.png``) and ``training`` (``<model>.png``).
+    """
+    files: dict[str, bytes] = {}  # item path -> content, written with the HTML
     summary = pd.read_csv(summary_csv)
     per_scene = pd.read_csv(scenes_csv)
     ev = config.get("evaluation", {})
@@ -201,12 +207,13 @@ def write_report(
     if baseline in names and transfer in names:
         t = targets(summary, baseline, transfer, control if control in names else None)
         if len(t):
+            files["targets"] = t.to_csv(index=False).encode()
             t["pass"] = ["<span class='pass'>yes</span>" if p else "<span class='fail'>no</span>" for p in t["pass"]]
             parts += ["<h2>Did the transfer work?</h2>", t.to_html(index=False, escape=False, border=0)]
     parts += ["<h2>Metrics per model and road type (all test scenes)</h2>",
               "<p>Pixel metrics against the buffered reference lines; each predicted pixel is attributed to the road type whose reference is nearest. "
               f"Relaxed metrics accept a match within {ev.get('relaxed_pixels', 3)} px. APLS compares predicted centrelines with the reference polylines (average over scenes).</p>",
-              _table(summary[[c for c in cols if c in summary]]), f"<img alt='bar charts' src='{bar_charts(summary, names)}'>",
+              _table(summary[[c for c in cols if c in summary]]), f"<img alt='bar charts' src='{_uri(files.setdefault('charts', bar_charts(summary, names)))}'>",
               "<h3>Per scene</h3>", _table(per_scene[[c for c in cols + ['scene'] if c in per_scene]])]
     if baseline in names and transfer in names:
         parts.append("<h2>Before and after</h2>")
@@ -215,17 +222,34 @@ def write_report(
             if not all(Path(p).is_file() for p in classified.values()):
                 continue
             strip, gif, win = scene_figures(scene, image, classified, baseline, transfer, int(ev.get("report_window", 384)))
-            parts += [f"<figure><img alt='{scene} side by side' src='{strip}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
+            files[f"before_after/{scene}.png"] = strip
+            parts += [f"<figure><img alt='{scene} side by side' src='{_uri(strip)}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
                       f"columns {win.col_off}-{win.col_off + win.width}: input and each model's roads (red).</figcaption></figure>",
-                      f"<figure><img alt='{scene} base vs transfer' src='{gif}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
+                      f"<figure><img alt='{scene} base vs transfer' src='{_uri(gif, 'gif')}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
     parts.append("<h2>Training curves</h2>")
     for name, path in models.items():
         png = Path(path) / "ModelCharacteristics" / "loss_graph.png"
         if png.is_file():
-            parts.append(f"<figure><img alt='{name} training' src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'><figcaption>{html.escape(name)}</figcaption></figure>")
+            files[f"training/{name}.png"] = png.read_bytes()
+            parts.append(f"<figure><img alt='{name} training' src='{_uri(files[f'training/{name}.png'])}'><figcaption>{html.escape(name)}</figcaption></figure>")
     parts += ["<h2>Provenance</h2>", "<h3>Models</h3>", _table(_provenance(models)),
               "<h3>Scenes</h3>", _table(pd.read_csv(scene_sheet, sep="\t", dtype=str, keep_default_na=False)),
               "<h3>Configuration</h3>", f"<pre>{html.escape(yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False))}</pre>",
               "<p>Demo imagery is synthetic (roadxfer.demo).</p></body></html>"]
-    with atomic_path(out_html) as tmp:
-        tmp.write_text("\n".join(parts))
+    with contextlib.ExitStack() as outputs:  # the HTML and the items are committed together
+        outputs.enter_context(atomic_path(out_html)).write_text("\n".join(parts))
+        if items:
+            write_items(outputs, items, files)
+
+
+def write_items(outputs: contextlib.ExitStack, items: Mapping[str, str | Path], files: Mapping[str, bytes]) -> None:
+    """The report's parts as files: single items by name, figures in their folders (each folder always exists)."""
+    for key in ("targets", "charts"):
+        if key in items:
+            outputs.enter_context(atomic_path(items[key])).write_bytes(files.get(key, b"check,value,pass\n"))
+    for folder in ("before_after", "training"):
+        if folder in items:
+            tmp = outputs.enter_context(atomic_path(items[folder], directory=True))
+            for rel, data in files.items():
+                if rel.startswith(folder + "/"):
+                    (tmp / rel.split("/", 1)[1]).write_bytes(data)

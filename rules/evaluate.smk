@@ -31,8 +31,8 @@ rule aggregate_metrics:
     input:
         evaluation_results,
     output:
-        scenes="results/evaluation/metrics_per_scene.csv",
-        summary="results/evaluation/summary.csv",
+        scenes=report("results/evaluation/metrics_per_scene.csv", caption="../report/per_scene.rst", category="Metrics", labels={"table": "per scene"}),
+        summary=report("results/evaluation/summary.csv", caption="../report/summary.rst", category="Metrics", labels={"table": "all test scenes"}),
     log:
         "logs/evaluation/aggregate.log",
     benchmark:
@@ -61,7 +61,24 @@ rule report:
             scene=scenes_with_role("test"),
         ),
     output:
-        "results/report/report.html",
+        html="results/report/report.html",
+        # The same results as files, for Snakemake's own report (snakemake --report report.zip).
+        targets=report("results/report/targets.csv", caption="../report/targets.rst", category="Did the transfer work?", labels={"table": "checks"}),
+        charts=report("results/report/bar_charts.png", caption="../report/figures.rst", category="Metrics", labels={"table": "bar charts"}),
+        before_after=report(
+            directory("results/report/before_after"),
+            patterns=["{scene}.png"],
+            caption="../report/before_after.rst",
+            category="Before and after",
+            labels={"scene": "{scene}"},
+        ),
+        training=report(
+            directory("results/report/training"),
+            patterns=["{model}.png"],
+            caption="../report/training.rst",
+            category="Training curves",
+            labels={"model": "{model}"},
+        ),
     params:
         config=config,
         scene_sheet=config["scenes"],

@@ -9,12 +9,13 @@ sm = snakemake  # noqa: F821
 run_logged(
     sm,
     lambda: write_report(
-        sm.output[0],
+        sm.output.html,
         summary_csv=sm.input.summary,
         scenes_csv=sm.input.scenes,
         models={Path(m).name: m for m in sm.input.models},
         test_scenes=sm.params.test_scenes,
         config=sm.params.config,
         scene_sheet=sm.params.scene_sheet,
+        items={k: sm.output[k] for k in ("targets", "charts", "before_after", "training")},
     ),
 )

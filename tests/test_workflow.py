@@ -100,6 +100,19 @@ def test_small_demo_runs_end_to_end(tmp_path):
     report = (wf / "results/report/report.html").read_text()
     assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
     assert "Did the transfer work?" in report and "weights sha256" in report
+    # Snakemake's own report holds our results beside its provenance.
+    rep = smk("--configfile", "cfg.yaml", "--report", "report.zip", cwd=wf)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    import zipfile
+
+    with zipfile.ZipFile(wf / "report.zip") as zf:
+        names = zf.namelist()
+        html = " ".join(zf.read(n).decode(errors="ignore") for n in names if n.endswith((".html", ".js")))
+    stored = {Path(n).name for n in names if "/data/raw/" in n}
+    assert {"summary.csv", "metrics_per_scene.csv", "targets.csv", "bar_charts.png", "x1.png", "base.png", "transfer.png", "scratch.png"} <= stored
+    for category in ("Did the transfer work?", "Before and after", "Training curves", "Metrics"):
+        assert category in html, category
+    assert "re-purposes a pretrained road-extraction model" in html  # the workflow description
 
 
 def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
