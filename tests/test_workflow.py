@@ -161,3 +161,34 @@ def test_a_training_scene_too_small_for_a_tile_fails_at_dag_time(tmp_path):
     out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
     assert out.returncode != 0
     assert "t1.tif: scene 't1' is 256x256 px, too small for one 512 px tile" in out.stdout + out.stderr
+
+
+def test_usable_as_a_module_of_another_workflow(tmp_path):
+    """An outer workflow imports roadxfer from a local path with its own config and scene sheet."""
+    wf = tiny_workflow(tmp_path)  # the scene sheet; the config goes under the outer workflow's own key
+    (wf / "outer.yaml").write_text(
+        "roadxfer:\n"
+        "  scenes: scenes.tsv\n"
+        "  demo: {size: 256, scenes: {b1: {seed: 1}, t1: {seed: 11, kind: rural}, x1: {seed: 101}}}\n"
+        "  tiles: {tile_size: 64, stride: 64}\n"
+        "  training: {backbone: resnet18, epochs: 1, batch_size: 4, patience: 0}\n"
+        "  models: {base: {datasets: [base]}, transfer: {datasets: [transfer], pretrained: base, freeze: true}}\n"
+        "  classify: {models: [base, transfer]}\n"
+        "  evaluation: {control: null}\n"
+        "  resources: {train: {threads: 1, gpu: 0}, classify: {threads: 1, gpu: 0}}\n"
+    )
+    (wf / "Snakefile").write_text(
+        'configfile: "outer.yaml"\n\n\n'
+        f'module roadxfer:\n    snakefile:\n        "{ROOT / "Snakefile"}"\n    config:\n        config["roadxfer"]\n\n\n'
+        "use rule * from roadxfer as roadxfer_*\n\n\n"
+        "rule all:\n    input:\n        rules.roadxfer_all.input,\n    default_target: True\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the module finds its own code
+    dry = subprocess.run([*SNAKEMAKE, "--dry-run", "--cores", "1"], cwd=wf, capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    for rule in ("roadxfer_train_model", "roadxfer_classify_scene", "roadxfer_report"):
+        assert rule in dry.stdout
+    run = subprocess.run([*SNAKEMAKE, "--cores", "2"], cwd=wf, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (wf / "results/report/report.html").is_file() and (wf / "results/models/transfer/transfer.emd").is_file()
+    assert not (wf / "results/models/scratch").exists()  # the outer config's models, not roadxfer's defaults
