@@ -8,9 +8,12 @@ sys.path.insert(0, workflow.basedir)
 from roadxfer.config import check_config
 from roadxfer.errors import InputError
 from roadxfer.sheet import TRAINING_ROLES, check_scene_sizes, check_sheet, read_sheet
+from roadxfer.styles import complete_classes
 
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config, source="config (merged --configfile files)")
+# A class without a name or colour gets a default now (with a warning), not a failure later.
+config["classes"] = complete_classes(config["classes"])
 
 DEMO_DIR = config["demo"]["outdir"]
 DEMO_FILES = [

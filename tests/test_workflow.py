@@ -192,3 +192,11 @@ def test_usable_as_a_module_of_another_workflow(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (wf / "results/report/report.html").is_file() and (wf / "results/models/transfer/transfer.emd").is_file()
     assert not (wf / "results/models/scratch").exists()  # the outer config's models, not roadxfer's defaults
+
+
+def test_a_class_without_name_or_colour_gets_defaults_with_a_warning(tmp_path):
+    wf = tiny_workflow(tmp_path, extra="classes: [{value: 1}]\n")
+    out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "class value 1 has no name: it is called 'class 1'" in text and "class 'class 1' has no colour: [255, 0, 0] is used" in text
