@@ -97,7 +97,8 @@ def build_emd(name: str, spec: ModelSpec, *, tile_size: int, classes: list[dict[
         "Classes": [{"Value": int(c["value"]), "Name": c["name"], "Color": list(c.get("color", [255, 0, 0]))} for c in classes],
         "RoadOrientation": {"orient_bin_size": bin_size, "orient_bins": spec.orientation_bins, "angle_range": 360 if spec.reference_layout else 180},
         "Normalization": {"mean": list(mean), "std": list(std)},
-        "CellSize": cell_size,
+        "CellSize": cell_size,  # metres (of the training tiles), whatever their CRS
+        "CellSizeUnit": "metre",
         "roadxfer": {"version": __version__, "spec": spec.to_dict(), **provenance},
     }
 

@@ -30,7 +30,7 @@ from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
 from .orientation import rotate_bins
-from .raster import image_info, read_boundless, read_window, tile_starts
+from .raster import cell_size_metres, image_info, read_boundless, read_window, tile_starts
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,8 @@ def export_tiles(
             tiles_with=tiles_with,
             cell_size=info.cell_size,
             band_stats={"min": band_min.tolist() if valid_px else [], "max": band_max.tolist() if valid_px else [], "mean": mean.tolist(), "std": std.tolist()},
-            extra={"SceneId": scene_id, "SourceImage": str(image), "OrientationBinSize": settings.orientation_bin_size, "Stride": settings.stride,
+            extra={"SceneId": scene_id, "SourceImage": str(image), "CellSizeMetres": cell_size_metres(info.crs, info.cell_size),
+                   "OrientationBinSize": settings.orientation_bin_size, "Stride": settings.stride,
                    "SkippedNodataTiles": skipped_nodata, "SkippedEmptyTiles": skipped_empty},
         )
     log.info("%s: %d tile(s) written to %s (%d empty, %d mostly-nodata skipped)", image, n, out_dir, skipped_empty, skipped_nodata)
@@ -330,12 +331,14 @@ def read_dataset(root: str | Path) -> Dataset:
     tile_x, tile_y = int(stats.get("TileSizeX", 0)), int(stats.get("TileSizeY", 0))
     with rasterio.open(images[0]) as first:
         size, bands = (first.height, first.width), first.count
+        # Cell size in metres, from the chip's own georeferencing (MinCellSize is in the CRS's units: degrees for geographic scenes).
+        cell = cell_size_metres(first.crs, abs(first.transform.a)) if first.crs is not None else stats.get("MinCellSize")
     if tile_x and (tile_y, tile_x) != size:
         raise InputError(images[0], f"chip is {size[1]}x{size[0]} px but the stats say {tile_x}x{tile_y}", "export the tiles again")
     if size[0] != size[1]:
         raise InputError(images[0], f"chip is not square ({size[1]}x{size[0]})", "export square tiles")
     return Dataset(root, tuple(images), tuple(labels), tuple(orient), classes, size[0], bands,
-                   stats.get("MinCellSize"), str(stats.get("roadxfer", {}).get("SceneId", root.name)))
+                   cell, str(stats.get("roadxfer", {}).get("SceneId", root.name)))
 
 
 _CHIP_EXT = r"\.(?:tif|tiff|png|jpg|jpeg|mrf)"

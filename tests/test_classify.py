@@ -11,7 +11,8 @@ import rasterio
 import shapely
 import torch
 import torch.nn.functional as F
-from conftest import make_raster
+from conftest import make_raster, make_vectors
+from shapely.geometry import LineString
 
 from roadxfer import IGNORE_VALUE
 from roadxfer import centrelines as cl
@@ -265,3 +266,33 @@ def test_bridge_gaps_joins_a_road_across_a_gap_but_not_a_side_line():
     assert not nx.has_path(graph, a, d)  # the parallel line stays apart
     # Nothing to bridge within the limit: unchanged.
     assert cl.bridge_gaps(road, max_gap=5) == road
+
+
+def test_cell_size_is_recorded_and_compared_in_metres(tmp_path):
+    """A model trained on geographic imagery records metres, and the same imagery raises no warning."""
+    import logging
+
+    from roadxfer.labels import LabelSettings, rasterize_scene
+    from roadxfer.package import load_package
+    from roadxfer.tiles import TileSettings, export_tiles, read_dataset
+    from roadxfer.train import TrainConfig, train
+
+    deg = 0.3 / 111_320.0  # 0.3 m along a meridian
+    image = make_raster(tmp_path / "geo.tif", size=(128, 128), cell=deg, crs="EPSG:4326", origin=(-115.0, 36.0))
+    lab = make_vectors(tmp_path / "r.gpkg", [LineString([(-115.0, 36.0 - 60 * deg), (-115.0 + 128 * deg, 36.0 - 60 * deg)])], crs="EPSG:4326", Classvalue=[1])
+    rasterize_scene(image, lab, tmp_path / "l.tif", tmp_path / "o.tif", tmp_path / "s.json", LabelSettings(buffer_radius=2.0))
+    export_tiles(image, tmp_path / "l.tif", tmp_path / "o.tif", tmp_path / "t", TileSettings(tile_size=64, stride=64, keep="all"))
+    assert read_dataset(tmp_path / "t").cell_size == pytest.approx(0.3)
+    train([tmp_path / "t"], tmp_path / "m", TrainConfig(backbone="resnet18", epochs=1, batch_size=4, patience=0, val_split="tile"), classes=[{"value": 1, "name": "road"}])
+    pkg = load_package(tmp_path / "m")
+    assert pkg.emd["CellSize"] == pytest.approx(0.3) and pkg.emd["CellSizeUnit"] == "metre"
+    logger = logging.getLogger("roadxfer.classify")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger.addHandler(handler)
+    try:
+        classify_scene(image, pkg, tmp_path / "c.tif")
+    finally:
+        logger.removeHandler(handler)
+    assert not any("was trained at" in m for m in records)
