@@ -282,7 +282,7 @@ def test_stale_temporaries_of_a_step_are_removed_on_the_next_run(tmp_path, scene
     img = make_raster(tmp_path / "img.tif", size=(128, 128), cell=0.3)
     classify_scene(img, package, out / "classes.tif", settings=ClassifySettings(tile_size=128))
     assert not stale[2].exists()
-    assert sorted(p.name for p in out.iterdir()) == ["classes.tif", "label.tif", "orientation.tif", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["classes.qml", "classes.tif", "classes.tif.aux.xml", "label.tif", "orientation.tif", "summary.json"]
 
 
 def test_a_corrupt_json_layout_file_is_named(tmp_path, tiles):

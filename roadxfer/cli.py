@@ -1,0 +1,117 @@
+"""One scene without a scene sheet: the steps a GIS user runs alone, with the workflow's checks.
+
+    python -m roadxfer labels   IMAGE LINES OUTDIR [--buffer 2] [--class-value 1 | --class-field F] [--where SQL]
+    python -m roadxfer export   IMAGE LABELDIR OUTDIR [--tile-size 256] [--stride 128] [--keep features] [--label-nodata 255]
+    python -m roadxfer classify IMAGE MODEL OUTDIR [--threshold 0.5] [--tta] [--tile-size N]
+    python -m roadxfer evaluate IMAGE CLASSIFIEDDIR LINES OUT.json [--buffer 2] [--ignore ROW,COL,H,W ...]
+
+MODEL is a roadxfer package folder, its .emd, or the reference tool's model folder, .emd
+or .dlpk. Errors are the workflow's: they name the file and say what to do (exit code 2).
+Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import InputError
+
+
+def _labels(a: argparse.Namespace) -> dict:
+    from .labels import LabelSettings, rasterize_scene
+
+    out = Path(a.outdir)
+    settings = LabelSettings(buffer_radius=a.buffer, class_field=a.class_field, class_value=a.class_value, orientation_bin_size=a.orientation_bin_size)
+    return rasterize_scene(a.image, a.lines, out / "label.tif", out / "orientation.tif", out / "summary.json", settings, layer=a.layer, where=a.where)
+
+
+def _export(a: argparse.Namespace) -> dict:
+    from .tiles import TileSettings, export_tiles
+
+    labels = Path(a.labeldir)
+    settings = TileSettings(tile_size=a.tile_size, stride=a.stride, keep=a.keep, label_nodata=a.label_nodata, chip_format=a.chip_format,
+                            classes=({"value": 1, "name": a.class_name, "color": [255, 0, 0]},))
+    stats = export_tiles(a.image, labels / "label.tif", labels / "orientation.tif", a.outdir, settings, scene_id=Path(a.image).stem)
+    return {"tiles": stats["NumTiles"], "folder": str(a.outdir)}
+
+
+def _classify(a: argparse.Namespace) -> dict:
+    from .classify import ClassifySettings, classify_scene
+
+    out = Path(a.outdir)
+    settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device)
+    return classify_scene(a.image, a.model, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
+                          settings=settings, threads=a.threads)
+
+
+def _window(text: str) -> list[int]:
+    parts = [int(v) for v in text.split(",")]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ROW,COL,HEIGHT,WIDTH")
+    return parts
+
+
+def _evaluate(a: argparse.Namespace) -> dict:
+    from .evaluate import EvalSettings, evaluate_scene
+
+    folder = Path(a.classified)
+    lines = folder / "centrelines.gpkg"
+    settings = EvalSettings(buffer_radius=a.buffer, road_type_field=a.road_type_field, ignore_windows=a.ignore or ())
+    result = evaluate_scene(a.image, folder / "classes.tif", lines if lines.is_file() else None, a.lines, a.out, settings,
+                            scene_id=Path(a.image).stem, model=folder.name, layer=a.layer, where=a.where)
+    return {"rows": result["rows"], "apls": result.get("apls")}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m roadxfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("labels", help="step 1: burn buffered lines into label and orientation rasters on the image's grid")
+    p.add_argument("image"), p.add_argument("lines"), p.add_argument("outdir")
+    p.add_argument("--buffer", type=float, default=2.0, help="buffer radius in the lines' linear units (metres for geographic lines); default 2")
+    p.add_argument("--class-field", default="Classvalue", help="integer field with class values (default Classvalue)")
+    p.add_argument("--class-value", type=int, default=None, help="one class value for every line instead of --class-field")
+    p.add_argument("--layer", default=None), p.add_argument("--where", default=None, help="OGR SQL WHERE clause selecting the lines")
+    p.add_argument("--orientation-bin-size", type=int, default=10)
+    p.set_defaults(run=_labels)
+
+    p = sub.add_parser("export", help="step 2: cut the image and labels into classified tiles (the reference tool's layout)")
+    p.add_argument("image"), p.add_argument("labeldir", help="folder written by `labels`"), p.add_argument("outdir")
+    p.add_argument("--tile-size", type=int, default=256), p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--keep", choices=["features", "all"], default="features")
+    p.add_argument("--label-nodata", type=int, choices=[255, 0], default=255, help="0 for tiles meant for the reference tool")
+    p.add_argument("--chip-format", choices=["tif", "png"], default="tif"), p.add_argument("--class-name", default="road")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("classify", help="step 4: classify a whole scene (class and probability COGs, centrelines)")
+    p.add_argument("image"), p.add_argument("model", help="package folder, .emd or .dlpk"), p.add_argument("outdir")
+    p.add_argument("--threshold", type=float, default=None), p.add_argument("--tta", action="store_true")
+    p.add_argument("--tile-size", type=int, default=None), p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=_classify)
+
+    p = sub.add_parser("evaluate", help="step 5: pixel metrics and APLS of a classified scene against reference lines")
+    p.add_argument("image"), p.add_argument("classified", help="folder written by `classify`"), p.add_argument("lines"), p.add_argument("out", help="metrics JSON to write")
+    p.add_argument("--buffer", type=float, default=2.0), p.add_argument("--road-type-field", default=None)
+    p.add_argument("--layer", default=None), p.add_argument("--where", default=None)
+    p.add_argument("--ignore", type=_window, nargs="*", help="windows ROW,COL,HEIGHT,WIDTH left out (e.g. a burned-in logo)")
+    p.set_defaults(run=_evaluate)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = args.run(args)
+    except InputError as exc:
+        print(f"roadxfer {args.command}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
