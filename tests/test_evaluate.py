@@ -154,3 +154,18 @@ def test_apls_pairs_are_sampled_without_listing_them():
     assert len(big) == 32 and 1000 <= sum(len(t) for t in big.values()) <= 1100
     for src, targets in big.items():
         assert src not in targets and targets.min() >= 0 and targets.max() < 2_000_000 and len(set(targets.tolist())) == len(targets)
+
+
+def test_evaluation_uses_only_the_lines_of_the_scene_filter(tmp_path):
+    """The sheet's filter applies to evaluation as to labelling: other lines are not the reference."""
+    image = make_raster(tmp_path / "img.tif", size=(200, 200))
+    lines = [LineString([(X0, Y0 - 25), (X0 + 100, Y0 - 25)]), LineString([(X0, Y0 - 75), (X0 + 100, Y0 - 75)])]
+    labels = make_vectors(tmp_path / "ref.gpkg", lines, Classvalue=[1, 1], road_type=["paved", "trail"])
+    pred = np.zeros((1, 200, 200), np.uint8)
+    pred[0, 46:54, :] = 1  # the paved road only
+    make_raster(tmp_path / "pred.tif", size=(200, 200), count=1, data=pred)
+    args = (image, tmp_path / "pred.tif", None, labels, tmp_path / "m.json", EvalSettings(buffer_radius=2.0))
+    everything = {r["road_type"]: r for r in evaluate_scene(*args, scene_id="s", model="m")["rows"]}
+    paved_only = {r["road_type"]: r for r in evaluate_scene(*args, scene_id="s", model="m", where="road_type = 'paved'")["rows"]}
+    assert "trail" in everything and everything["all"]["recall"] < 0.6
+    assert "trail" not in paved_only and paved_only["all"]["recall"] == 1.0 and paved_only["all"]["precision"] == 1.0
