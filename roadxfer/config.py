@@ -36,6 +36,10 @@ def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:
             where = ".".join(str(p) for p in err.path)
             raise InputError(source, f"models.{name}.training{'.' + where if where else ''}: {err.message}",
                              "use the keys and values of `training:` (config/config.yaml lists them all)")
+        if model.get("package"):
+            if not Path(model["package"]).exists():
+                raise InputError(source, f"models.{name}.package {model['package']!r} does not exist", "give the path of a package folder, .emd or .dlpk")
+            continue  # brought as it is: nothing to train
         pretrained = model.get("pretrained")
         if model.get("freeze") and not pretrained and not merged.get("encoder_checkpoint"):
             raise InputError(source, f"models.{name} sets freeze: true but has no pretrained model or training.encoder_checkpoint, so a random encoder would be frozen",

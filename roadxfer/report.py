@@ -147,9 +147,12 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
 
 def _provenance(models: Mapping[str, str]) -> pd.DataFrame:
     rows = []
+    from .package import load_package  # ours or the reference tool's: the same fields either way
+
     for name, path in models.items():
-        emd = json.loads((Path(path) / f"{Path(path).name}.emd").read_text())
-        p = emd["roadxfer"]
+        pkg = load_package(path)
+        emd = pkg.emd
+        p = {**emd["roadxfer"], "weights_sha256": pkg.weights_sha256}
         cfg = p.get("training_config", {})
         best = p.get("best", {})
         rows.append({
@@ -164,7 +167,7 @@ def _provenance(models: Mapping[str, str]) -> pd.DataFrame:
             "epochs": p.get("epochs_run"),
             "best val road IoU": best.get("val_road_iou"),
             "weights sha256": p.get("weights_sha256", "")[:16],
-            "code": p.get("code_version"),
+            "code": p.get("code_version") or ("imported: " + Path(p["imported_from"]).name if p.get("imported_from") else None),
         })
     return pd.DataFrame(rows)
 

@@ -2,7 +2,7 @@ rule classify_scene:
     """Step 4: classify a whole scene with a model package (COG class raster, probability, centrelines)."""
     input:
         image=scene_image,
-        model="results/models/{model}",
+        model=classify_model,
     output:
         classes="results/classified/{model}/{scene}/classes.tif",
         probability="results/classified/{model}/{scene}/probability.tif",

@@ -71,7 +71,7 @@ def container_for(family):
 def all_targets():
     targets = [f"results/datasets/{role}.json" for role in TRAINING_ROLES if scenes_with_role(role)]
     targets += [f"results/labels/{s}/summary.json" for s in scenes_with_role("test")]
-    targets += [f"results/models/{m}" for m in config["models"] if model_datasets(m)]
+    targets += [f"results/models/{m}" for m in config["models"] if not MODELS[m].get("package") and model_datasets(m)]
     targets += expand(
         "results/classified/{model}/{scene}/classes.tif",
         model=CLASSIFY_MODELS,
@@ -100,11 +100,24 @@ def model_datasets(name):
     return folders
 
 
+def model_path(name):
+    """A trained model's package, or the package a model of `models:` brings (`package:`)."""
+    return MODELS[name].get("package") or f"results/models/{name}"
+
+
+def classify_model(wildcards):
+    return model_path(wildcards.model)
+
+
+def classify_models(wildcards):
+    return [model_path(m) for m in CLASSIFY_MODELS]
+
+
 def model_pretrained(name):
     p = MODELS[name].get("pretrained")
     if not p:
         return []
-    return [f"results/models/{p}"] if p in MODELS else [p]
+    return [model_path(p)] if p in MODELS else [p]
 
 
 def model_inputs(wildcards):

@@ -54,7 +54,7 @@ rule report:
     input:
         summary="results/evaluation/summary.csv",
         scenes="results/evaluation/metrics_per_scene.csv",
-        models=expand("results/models/{model}", model=CLASSIFY_MODELS),
+        models=classify_models,
         classified=expand(
             "results/classified/{model}/{scene}/classes.tif",
             model=CLASSIFY_MODELS,

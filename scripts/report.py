@@ -12,7 +12,7 @@ run_logged(
         sm.output.html,
         summary_csv=sm.input.summary,
         scenes_csv=sm.input.scenes,
-        models={Path(m).name: m for m in sm.input.models},
+        models=dict(zip(sm.params.models, sm.input.models)),
         test_scenes=sm.params.test_scenes,
         config=sm.params.config,
         scene_sheet=sm.params.scene_sheet,

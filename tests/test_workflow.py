@@ -116,22 +116,28 @@ def test_small_demo_runs_end_to_end(tmp_path):
 
 
 def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
-    """`pretrained:` pointing at a model saved by the reference tool: import, transfer, classify, export back."""
+    """A model brought as it is (the reference tool's package) is the baseline: classified and evaluated, not trained;
+    the transfer model starts from it, and is exported back in the reference layout."""
     fixture = ROOT / "tests" / "data" / "arcgis-mtre-linknet34"
     wf = tiny_workflow(tmp_path, extra=(
-        f"models: {{transfer: {{pretrained: '{fixture}', training: {{arch: linknet34_mtl, epochs: 1}}}}}}\n"
-        "classify: {models: [transfer]}\n"
+        f"models: {{base: {{package: '{fixture}'}}, transfer: {{training: {{arch: linknet34_mtl, epochs: 1}}}}}}\n"
+        "classify: {models: [base, transfer]}\n"
+        "evaluation: {control: null}\n"
     ))
-    out = smk("--configfile", "cfg.yaml", "--cores", "2", "results/classified/transfer/x1/classes.tif", cwd=wf)
+    out = smk("--configfile", "cfg.yaml", "--cores", "2", "results/report/report.html", cwd=wf)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert not (wf / "results/models/base").exists()  # the reference package is the start: no base model is trained
+    assert not (wf / "results/models/base").exists()  # brought, not trained
     emd = json.loads((wf / "results/models/transfer/transfer.emd").read_text())
     assert emd["ModelParameters"]["mtl_model"] == "linknet34_mtl" and emd["roadxfer"]["parent"]["reference_emd"]["ArcGISLearnVersion"] == "2.4.4"
     exported = json.loads((wf / "results/models/transfer/arcgis/transfer/transfer.emd").read_text())
     assert exported["Framework"] == "arcgis.learn.models._inferencing" and exported["ImageHeight"] == 64
     assert (wf / "results/models/transfer/arcgis/transfer.dlpk").is_file()
-    with rasterio.open(wf / "results/classified/transfer/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
-        assert (c.transform, c.shape) == (img.transform, img.shape)
+    with rasterio.open(wf / "results/classified/base/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
+        assert (c.transform, c.shape) == (img.transform, img.shape) and c.tags()["ROADXFER_MODEL"] == fixture.name
+    summary = (wf / "results/evaluation/summary.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in summary[1:]} == {"base", "transfer"}
+    report = (wf / "results/report/report.html").read_text()
+    assert "imported: esri_mtre_linknet34.emd" in report and "Did the transfer work?" in report
     assert "imported the reference model" in (wf / "logs/models/transfer.log").read_text()
 
 
@@ -146,6 +152,7 @@ def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
         ("models: {scratch: {freeze: true}}\n", "models.scratch sets freeze: true but has no pretrained model"),
         ("models: {transfer: {training: {unfreeze_after: 5}}}\n", "training.unfreeze_after 5 is not below its 1 epochs"),
         ("models: {transfer: {datasets: [trasfer]}}\n", "models.transfer.datasets entry 'trasfer' is neither a role"),
+        ("models: {base: {package: nowhere.dlpk}}\n", "models.base.package 'nowhere.dlpk' does not exist"),
     ],
 )
 def test_config_mistakes_fail_at_parse_time(tmp_path, extra, message):
