@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,8 +16,12 @@ def run_logged(snakemake: Any, main: Callable[[], object]) -> None:
     """Run ``main`` with logging sent to the rule's log (and stderr); errors end up in the log."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if snakemake.log:
-        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+        # Appended, with a header per try: a retried or requeued job keeps the log of the try that failed.
+        handlers.append(logging.FileHandler(snakemake.log[0], mode="a"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    job = os.environ.get("SLURM_JOB_ID")
+    logging.getLogger("roadxfer").info("==== rule %s, try %s%s ====", snakemake.rule, getattr(snakemake, "attempt", 1),
+                                       f", SLURM job {job} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})" if job else "")
     try:
         main()
     except Exception:

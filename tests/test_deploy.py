@@ -143,3 +143,29 @@ def test_config_readme_is_generated_from_the_schemas():
         for key in schema["properties"][section]["properties"]:
             assert f"`{section}.{key}`" in text
     assert "`scene_id` (required)" in text and "`filter`" in text
+
+
+def test_rule_logs_are_appended_with_a_header_per_try(tmp_path):
+    """A retried or requeued job must not wipe the log of the try that failed."""
+    import logging
+    from types import SimpleNamespace
+
+    from roadxfer.glue import run_logged
+
+    log = tmp_path / "rule.log"
+    for attempt, fails in ((1, True), (2, False)):
+        sm = SimpleNamespace(log=[str(log)], rule="train_model", attempt=attempt)
+
+        def main(fails: bool = fails) -> None:
+            logging.getLogger("roadxfer.train").info("working")
+            if fails:
+                raise RuntimeError("node lost")
+
+        try:
+            run_logged(sm, main)
+        except RuntimeError:
+            pass
+    text = log.read_text()
+    assert "==== rule train_model, try 1 ====" in text and "node lost" in text and "==== rule train_model, try 2 ====" in text
+    assert text.index("try 1") < text.index("node lost") < text.index("try 2")
+    logging.getLogger().handlers.clear()
