@@ -123,6 +123,23 @@ class MultiTaskRoadModel(FreezableEncoder):
         return self.seg_head(self.seg_decoder(self.encoder(x)))
 
 
+def read_state_dict(path: Path, what: str = "a PyTorch state dict") -> dict[str, torch.Tensor]:
+    """Tensors only: ``weights_only=True`` refuses any pickled object instead of running it.
+
+    Accepts a plain state dict or one wrapped as ``{"state_dict": ...}`` (Lightning, timm).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(path, f"cannot be read as {what} ({str(exc).splitlines()[0]})",
+                         "use weights saved with torch.save(model.state_dict()); a file that holds other objects is refused, never run") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(path, "is not a state dict of tensors", "use weights saved with torch.save(model.state_dict())")
+    return state
+
+
 # torchvision ResNet children as the reference's Sequential encoder numbers them.
 _SEQUENTIAL_RESNET = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
 
@@ -148,15 +165,7 @@ def load_encoder_checkpoint(model: nn.Module, path: str | Path) -> int:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "encoder checkpoint does not exist", "stage the weights file on the cluster and fix `training.encoder_checkpoint`")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"cannot be read as a PyTorch state dict ({exc})", "use a .pth file saved with torch.save(model.state_dict())") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(path, "is not a state dict of tensors", "use a .pth file saved with torch.save(model.state_dict())")
-    state = encoder_state(model, state)
+    state = encoder_state(model, read_state_dict(path))
     own = model.encoder.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong_shape:

@@ -34,7 +34,7 @@ from torch import nn
 from . import __version__, reference
 from .atomic import atomic_path
 from .errors import InputError
-from .model import ModelSpec, build_model, raw_pixel_scaling
+from .model import ModelSpec, build_model, raw_pixel_scaling, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +148,6 @@ def _find_emd(path: Path) -> Path:
     raise InputError(path, "is not a model package: no .emd model definition found", "point to a package folder (roadxfer's or the reference tool's), its .emd file or a .dlpk")
 
 
-def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """Tensors only: ``weights_only=True`` refuses any pickled object instead of running it."""
-    if not weights.is_file():
-        raise InputError(weights, "model weights file is missing", "copy the whole package folder")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(weights, f"cannot be read as PyTorch weights ({str(exc).splitlines()[0]})", "use weights saved as a plain state dict; a file that holds other objects is refused, never run") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(weights, "is not a state dict of tensors", "use weights saved with torch.save(model.state_dict())")
-    return state
-
-
 def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Package:
     """Load a package for classification or as a pretrained start; fails clearly on anything odd.
 
@@ -200,7 +185,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Pac
     expected = emd["roadxfer"].get("weights_sha256")
     if expected and expected != digest:
         raise InputError(weights, "weights do not match the sha256 recorded in the .emd (corrupt or replaced)", "copy the package again")
-    model = _strict_model(spec, _read_weights(weights), weights)
+    model = _strict_model(spec, read_state_dict(weights, "PyTorch weights"), weights)
     model.to(device).eval()
     return Package(emd_path.parent, emd, model, digest)
 
@@ -222,7 +207,7 @@ def _load_reference(emd_path: Path, emd: dict[str, Any], device: str | torch.dev
     if not weights.is_file():
         raise InputError(weights, "model weights file named by the .emd (ModelFile) is missing", "copy the whole model folder, or use its .dlpk")
     digest = sha256_file(weights)
-    model = _strict_model(spec, _read_weights(weights), weights)
+    model = _strict_model(spec, read_state_dict(weights, "PyTorch weights"), weights)
     mean, std = raw_pixel_scaling(spec.in_channels)
     ours = build_emd(emd_path.stem, spec, tile_size=fields["ImageHeight"], classes=reference.our_classes(emd), bin_size=360 // spec.orientation_bins,
                      mean=mean, std=std, cell_size=None, provenance={"imported_from": str(emd_path), "reference_emd": fields})
