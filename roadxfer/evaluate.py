@@ -23,6 +23,8 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio
+import shapely
+import shapely.geometry
 from rasterio import features
 from scipy import ndimage
 
@@ -120,6 +122,24 @@ def mask_metrics(pred: np.ndarray, refs: Mapping[str, np.ndarray], valid: np.nda
     return out
 
 
+def valid_area(valid: np.ndarray, transform: rasterio.Affine) -> shapely.Geometry:
+    """The scene's valid pixels as one (multi)polygon in the scene's CRS."""
+    if valid.all():
+        h, w = valid.shape
+        return shapely.box(*rasterio.transform.array_bounds(h, w, transform))
+    polys = [shapely.geometry.shape(g) for g, v in features.shapes(valid.astype(np.uint8), mask=valid, transform=transform) if v == 1]
+    return shapely.union_all(polys) if polys else shapely.Polygon()
+
+
+def clip_lines(lines: gpd.GeoDataFrame, area: shapely.Geometry) -> gpd.GeoDataFrame:
+    """The parts of ``lines`` inside ``area`` (lines that leave and re-enter it become several)."""
+    if not len(lines):
+        return lines
+    clipped = lines.assign(geometry=shapely.intersection(lines.geometry.to_numpy(), area))
+    clipped = clipped.explode(index_parts=False)
+    return clipped[clipped.geometry.geom_type.isin(LINE_TYPES).to_numpy() & ~clipped.geometry.is_empty.to_numpy()]
+
+
 def reference_masks(info: ImageInfo, labels: str | Path, settings: EvalSettings, *, layer: str | None = None, where: str | None = None) -> tuple[dict[str, np.ndarray], gpd.GeoDataFrame]:
     """Buffered reference roads of each type, burned on the image grid; and the lines in the image CRS."""
     gdf = read_vectors(labels, layer=layer, where=where)
@@ -170,7 +190,11 @@ def evaluate_scene(
     rows = [{"scene": scene_id, "model": model, "road_type": t, **c, **ratios(c)} for t, c in per_type.items()]
     result: dict[str, Any] = {"scene": scene_id, "model": model, "rows": rows}
     if centrelines is not None:
+        # APLS compares the networks on the scene's valid area only (nodata, alpha and ignore
+        # windows removed): lines of the label file elsewhere are not roads this scene could show.
+        area = valid_area(valid, info.transform)
         prop = gpd.read_file(centrelines, layer="centrelines")
+        ref_lines, prop = clip_lines(ref_lines, area), clip_lines(prop.to_crs(ref_lines.crs) if len(prop) else prop, area)
         crs = ref_lines.crs
         if crs is not None and crs.is_geographic:
             utm = ref_lines.estimate_utm_crs()

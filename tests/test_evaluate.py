@@ -169,3 +169,21 @@ def test_evaluation_uses_only_the_lines_of_the_scene_filter(tmp_path):
     paved_only = {r["road_type"]: r for r in evaluate_scene(*args, scene_id="s", model="m", where="road_type = 'paved'")["rows"]}
     assert "trail" in everything and everything["all"]["recall"] < 0.6
     assert "trail" not in paved_only and paved_only["all"]["recall"] == 1.0 and paved_only["all"]["precision"] == 1.0
+
+
+def test_apls_compares_the_networks_on_the_scene_only(tmp_path):
+    """Lines of the label file off the scene, or under an ignore window, are not part of the reference network."""
+    image = make_raster(tmp_path / "img.tif", size=(200, 200))
+    road = LineString([(X0, Y0 - 25), (X0 + 100, Y0 - 25)])
+    far = LineString([(X0 + 5000, Y0 - 25), (X0 + 5300, Y0 - 25)])  # another scene's road in the same file
+    labels = make_vectors(tmp_path / "ref.gpkg", [road, far], Classvalue=[1, 1])
+    lines = make_vectors(tmp_path / "prop.gpkg", [road], layer="centrelines", class_value=[1])
+    pred = np.zeros((1, 200, 200), np.uint8)
+    pred[0, 46:54, :] = 1
+    make_raster(tmp_path / "pred.tif", size=(200, 200), count=1, data=pred)
+    res = evaluate_scene(image, tmp_path / "pred.tif", lines, labels, tmp_path / "m.json", EvalSettings(buffer_radius=2.0, road_type_field=None), scene_id="s", model="m")
+    assert res["apls"]["apls"] == pytest.approx(1.0)  # the far road would leave unmatched paths
+    # An ignore window over half the road: both networks are cut there, and still agree.
+    res = evaluate_scene(image, tmp_path / "pred.tif", lines, labels, tmp_path / "m.json",
+                         EvalSettings(buffer_radius=2.0, road_type_field=None, ignore_windows=[[0, 100, 200, 100]]), scene_id="s", model="m")
+    assert res["apls"]["apls"] == pytest.approx(1.0)
