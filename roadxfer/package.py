@@ -35,6 +35,7 @@ from . import __version__, reference
 from .atomic import atomic_path
 from .errors import InputError
 from .model import ModelSpec, build_model, raw_pixel_scaling, read_state_dict
+from .styles import complete_classes
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def _load_reference(emd_path: Path, emd: dict[str, Any], device: str | torch.dev
     digest = sha256_file(weights)
     model = _strict_model(spec, read_state_dict(weights, "PyTorch weights"), weights)
     mean, std = raw_pixel_scaling(spec.in_channels)
-    ours = build_emd(emd_path.stem, spec, tile_size=fields["ImageHeight"], classes=reference.our_classes(emd), bin_size=360 // spec.orientation_bins,
+    ours = build_emd(emd_path.stem, spec, tile_size=fields["ImageHeight"], classes=complete_classes(emd["Classes"]), bin_size=360 // spec.orientation_bins,
                      mean=mean, std=std, cell_size=None, provenance={"imported_from": str(emd_path), "reference_emd": fields})
     model.to(device).eval()
     log.info("imported the reference model %s (%s/%s, %d orientation classes, raw 0-255 input)", emd_path, spec.arch, spec.backbone, spec.orientation_bins + 1)

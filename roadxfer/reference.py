@@ -76,15 +76,6 @@ def reference_spec(emd: dict[str, Any], emd_path: Path) -> tuple[ModelSpec, dict
     return spec, fields
 
 
-def our_classes(emd: dict[str, Any]) -> list[dict[str, Any]]:
-    """The reference's ``Classes`` (``Name`` may be a number) as our ``{value, name, color}``."""
-    out = []
-    for c in emd["Classes"]:
-        value = int(c.get("Value", c.get("ClassValue")))
-        out.append({"value": value, "name": str(c.get("Name", c.get("ClassName", value))), "color": list(c.get("Color", [255, 0, 0]))})
-    return out
-
-
 def extract_dlpk(archive: Path, dest: Path) -> None:
     """Unzip a ``.dlpk`` into ``dest``, refusing any member that would land outside it.
 

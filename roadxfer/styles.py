@@ -28,11 +28,15 @@ DEFAULT_COLOURS = [(255, 0, 0), (255, 170, 0), (0, 200, 255), (255, 0, 255), (0,
 
 
 def complete_classes(classes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``{value, name, color}`` for every class (either key style), a default name or colour filled in with a warning."""
+    """``{value, name, color}`` for every class, a default name or colour filled in with a warning.
+
+    Reads our config's keys, a ``.emd``'s (``Value``, ``Name``, ``Color``) and the
+    ``ClassValue``/``ClassName`` spelling the reference tool also writes.
+    """
     out = []
     for i, c in enumerate(classes):
-        value = int(c.get("value", c.get("Value")))
-        name = c.get("name", c.get("Name"))
+        value = int(c.get("value", c.get("Value", c.get("ClassValue"))))
+        name = c.get("name", c.get("Name", c.get("ClassName")))
         color = c.get("color", c.get("Color"))
         if name in (None, ""):
             name = f"class {value}"
