@@ -11,6 +11,7 @@ rows are written out at once, so memory does not depend on the scene's size.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from . import IGNORE_VALUE
 from .atomic import atomic_path, check_room, scratch_dir
 from .errors import InputError
 from .package import Package, load_package
+from .radiometry import Radiometry
 from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, check_written, image_info, read_window
 from .styles import classes_qml, colour_table, complete_classes, probability_qml, raster_tags, rat_aux_xml
 from .raster import tile_starts as starts
@@ -52,6 +54,8 @@ class ClassifySettings:
     bridge_gaps: float = 10.0  # metres: dead ends are joined across gaps up to this long
     cell_size_tolerance: float = 2.0  # warn when scene and model cell sizes differ by more than this factor
     device: str | None = None
+    bands: tuple[int, ...] | None = None  # 1-based image bands; default: the model's training bands, else all but alpha
+    rescale: dict[str, Any] | None = None  # image.rescale settings; default: the model's own (recorded in its package)
 
 
 def edge_weights(tile: int, overlap: int, margin: int, before: bool, after: bool) -> np.ndarray:
@@ -183,7 +187,15 @@ def classify_scene(
     set_threads(threads)
     device = pick_device(settings.device)
     pkg = package if isinstance(package, Package) else load_package(package, device=device)
-    info = image_info(image, allowed_band_counts=(pkg.spec.in_channels,), allowed_dtypes=(pkg.emd.get("DataType", "uint8"),))
+    k = pkg.spec.in_channels
+    bands = settings.bands or pkg.source_bands
+    info = image_info(image, allowed_band_counts=(k,), allowed_dtypes=None, bands=bands,
+                      radiometry=Radiometry.from_config(settings.rescale) if settings.rescale else pkg.radiometry,
+                      bands_fix=f"the model {pkg.path.name} takes {k} band(s): choose {k} with image.bands (python -m roadxfer classify --bands)")
+    assert info.stretch is not None
+    if not info.stretch.identity:
+        log.info("%s: %s rescale of bands %s from %s to %s onto 0-255", image, info.stretch.method, list(info.bands),
+                 [round(v, 3) for v in info.stretch.low], [round(v, 3) for v in info.stretch.high])
     tile = settings.tile_size or pkg.tile_size
     if tile % 32:
         raise InputError(None, f"tile_size {tile} is not a multiple of 32", "the model downsamples by 32: use 256, 512, ...")
@@ -199,6 +211,7 @@ def classify_scene(
     classes = complete_classes(pkg.classes)
     values = np.array([0] + [c["value"] for c in classes], np.uint8)
     tags = raster_tags(model=pkg.path.name, weights_sha256=pkg.weights_sha256, image=image, threshold=settings.threshold, tta=settings.tta, classes=classes)
+    tags.update(ROADXFER_BANDS=",".join(map(str, info.bands)), ROADXFER_RESCALE=json.dumps(info.stretch.to_dict()))
     n_out = len(values)
     predict = model_predict_fn(pkg, device, tta=settings.tta)
     profile = {**GTIFF_PROFILE, "width": info.width, "height": info.height, "count": 1, "crs": info.crs, "transform": info.transform}

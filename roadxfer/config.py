@@ -58,6 +58,23 @@ def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:
                 raise InputError(source, f"models.{name}.datasets entry {entry!r} is neither a role ({', '.join(ROLES)}) nor an existing Classified Tiles folder",
                                  "fix the role name or the folder path")
     _check_classify_geometry(config, source)
+    _check_image(config.get("image", {}), source)
+
+
+def _check_image(image: Mapping[str, Any], source: str) -> None:
+    bands, count = image.get("bands"), image.get("band_count", 3)
+    if bands and "band_count" in image and len(bands) != count:
+        raise InputError(source, f"image.bands {bands} selects {len(bands)} band(s) but image.band_count is {count}", "drop band_count or make it the number of bands listed")
+    rescale = image.get("rescale") or {}
+    lo, hi = rescale.get("percentiles", [2, 98])
+    if not lo < hi:
+        raise InputError(source, f"image.rescale.percentiles {[lo, hi]} must rise", "e.g. [2, 98]")
+    if rescale.get("method") == "fixed":
+        low, high = rescale.get("low"), rescale.get("high")
+        if not low or not high:
+            raise InputError(source, "image.rescale.method fixed needs image.rescale.low and high", "give the raw values mapped to 0 and 255, e.g. low: [0], high: [2047]")
+        if len(low) == len(high) and any(a >= b for a, b in zip(low, high)):
+            raise InputError(source, f"image.rescale.low {low} is not below high {high}", "swap them or fix the values")
 
 
 def _check_classify_geometry(config: Mapping[str, Any], source: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class TileData:
     bands: int
     cell_size: float | None
     sources: list[str]
+    radiometry: list[dict[str, Any] | None] = field(default_factory=list)  # per source: {"settings", "stretch"} or None
+    source_bands: list[tuple[int, ...] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -63,6 +65,8 @@ def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]],
         lut[int(c["value"])] = i
     known = {0, IGNORE_VALUE} | {int(c["value"]) for c in classes}
     images, segs, oris, scene_idx, scenes, sources = [], [], [], [], [], []
+    radiometry: list[dict[str, Any] | None] = []
+    source_bands: list[tuple[int, ...] | None] = []
     tile = bands = None
     cell = None
     for folder in folders:
@@ -75,6 +79,8 @@ def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]],
             raise InputError(ds.root, f"has {ds.bands}-band chips but {sources[0]} has {bands}", "use imagery with the same bands")
         scenes.append(ds.scene_id)
         sources.append(str(ds.root))
+        radiometry.append(ds.radiometry)
+        source_bands.append(ds.source_bands)
         if None in ds.orientation:
             n_missing = sum(o is None for o in ds.orientation)
             if orientation_bin_size:
@@ -110,7 +116,8 @@ def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]],
     if not images:
         raise InputError(folders[0], "training datasets hold no tiles", "export tiles with features")
     log.info("loaded %d tile(s) of %d px from %d dataset(s)", len(images), tile, len(sources))
-    return TileData(np.stack(images), np.stack(segs), np.stack(oris), np.asarray(scene_idx), scenes, list(classes), int(tile), int(bands), cell, sources)
+    return TileData(np.stack(images), np.stack(segs), np.stack(oris), np.asarray(scene_idx), scenes, list(classes), int(tile), int(bands), cell, sources,
+                    radiometry, source_bands)
 
 
 def split(data: TileData, *, val_fraction: float, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:

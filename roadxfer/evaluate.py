@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,21 @@ import rasterio
 import shapely
 import shapely.geometry
 from rasterio import features
+from rasterio.windows import Window
 from scipy import ndimage
 
 from . import IGNORE_VALUE
 from .apls import apls
 from .atomic import atomic_path
 from .labels import buffer_in_crs
-from .raster import ImageInfo, image_info, read_window
+from .errors import InputError
+from .raster import ImageInfo, block_windows, image_info, read_window
 from .vectors import LINE_TYPES, read_vectors
 
 log = logging.getLogger(__name__)
+
+BLOCK = 2048  # pixels per side of an evaluation window: memory is bounded by this, not by the scene
+HALO = 128  # pixels read around each window: distances and the nearest-type split are exact within it
 
 COUNT_KEYS = ("tp", "fp", "fn", "relaxed_tp_pred", "n_pred", "relaxed_tp_ref", "n_ref")
 
@@ -98,27 +104,50 @@ def ratios(c: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def mask_metrics(pred: np.ndarray, refs: Mapping[str, np.ndarray], valid: np.ndarray, rho: float) -> dict[str, dict[str, int]]:
-    """Counts for every road type (in its Voronoi region) and for ``all`` roads (whole valid area)."""
+def mask_metrics(
+    pred: np.ndarray,
+    refs: Mapping[str, np.ndarray],
+    valid: np.ndarray,
+    rho: float,
+    *,
+    region: np.ndarray | None = None,
+    far_label: np.ndarray | None = None,
+    far: float = np.inf,
+) -> dict[str, dict[str, int]]:
+    """Counts for every road type (in its Voronoi region) and for ``all`` roads (whole valid area).
+
+    Counted over ``valid`` (and ``region`` when given: the core of a padded window). Pixels
+    whose nearest reference pixel in the array is further than ``far`` take their road type
+    from ``far_label`` (1-based index into ``refs``; 0 none): in a padded window, a reference
+    outside the window could be nearer. Types are reported when they have reference pixels
+    here, or own part of the counted area through ``far_label``.
+    """
     names = list(refs)
+    area = valid if region is None else valid & region
     any_ref = np.zeros(pred.shape, bool)
     for m in refs.values():
         any_ref |= m
-    d_pred = ndimage.distance_transform_edt(~pred) if pred.any() else np.full(pred.shape, np.inf)
-    out = {"all": counts(pred, any_ref, valid, rho, ndimage.distance_transform_edt(~any_ref) if any_ref.any() else np.full(pred.shape, np.inf), d_pred)}
-    if not any_ref.any():
+    inf = np.full(pred.shape, np.inf)
+    d_pred = ndimage.distance_transform_edt(~pred) if pred.any() else inf
+    out = {"all": counts(pred, any_ref, area, rho, ndimage.distance_transform_edt(~any_ref) if any_ref.any() else inf, d_pred)}
+    if any_ref.any():
+        label = np.zeros(pred.shape, np.int32)
+        for i, name in enumerate(names, start=1):
+            label[refs[name] & (label == 0)] = i
+        dist, (ri, ci) = ndimage.distance_transform_edt(label == 0, return_indices=True)
+        nearest = label[ri, ci]
+        if far_label is not None:
+            nearest = np.where(dist > far, far_label, nearest)
+    elif far_label is not None:
+        nearest = far_label
+    else:
         return out
-    label = np.zeros(pred.shape, np.int32)
-    for i, name in enumerate(names, start=1):
-        label[refs[name] & (label == 0)] = i
-    _, (ri, ci) = ndimage.distance_transform_edt(label == 0, return_indices=True)
-    nearest = label[ri, ci]
     for i, name in enumerate(names, start=1):
         ref = refs[name]
-        if not ref.any():
+        own = area & (nearest == i)
+        if not ref.any() and not (far_label is not None and own.any()):
             continue
-        d_ref = ndimage.distance_transform_edt(~ref)
-        out[name] = counts(pred, ref, valid & (nearest == i), rho, d_ref, d_pred)
+        out[name] = counts(pred, ref, own, rho, ndimage.distance_transform_edt(~ref) if ref.any() else inf, d_pred)
     return out
 
 
@@ -140,8 +169,27 @@ def clip_lines(lines: gpd.GeoDataFrame, area: shapely.Geometry) -> gpd.GeoDataFr
     return clipped[clipped.geometry.geom_type.isin(LINE_TYPES).to_numpy() & ~clipped.geometry.is_empty.to_numpy()]
 
 
-def reference_masks(info: ImageInfo, labels: str | Path, settings: EvalSettings, *, layer: str | None = None, where: str | None = None) -> tuple[dict[str, np.ndarray], gpd.GeoDataFrame]:
-    """Buffered reference roads of each type, burned on the image grid; and the lines in the image CRS."""
+@dataclass
+class ReferenceShapes:
+    """Buffered reference roads per type, indexed for burning one window at a time."""
+
+    types: list[str]
+    shapes: dict[str, np.ndarray]  # type -> shapely geometries in the image CRS
+    trees: dict[str, shapely.STRtree]
+    lines: gpd.GeoDataFrame  # the reference lines in the image CRS, with ``road_type``
+
+    def burn(self, name: str, window: Window, transform: rasterio.Affine, *, all_touched: bool = False) -> np.ndarray:
+        shape = (int(window.height), int(window.width))
+        wt = rasterio.windows.transform(window, transform)
+        hits = self.trees[name].query(shapely.box(*rasterio.windows.bounds(window, transform)))
+        if not len(hits):
+            return np.zeros(shape, bool)
+        geoms = self.shapes[name][np.sort(hits)]
+        return features.rasterize(((g, 1) for g in geoms), out_shape=shape, transform=wt, fill=0, dtype="uint8", all_touched=all_touched).astype(bool)
+
+
+def reference_shapes(info: ImageInfo, labels: str | Path, settings: EvalSettings, *, layer: str | None = None, where: str | None = None) -> ReferenceShapes:
+    """The reference roads of each type, buffered, in the image CRS; and the lines themselves."""
     gdf = read_vectors(labels, layer=layer, where=where)
     field_ = settings.road_type_field
     if field_ and field_ not in gdf.columns:
@@ -150,14 +198,38 @@ def reference_masks(info: ImageInfo, labels: str | Path, settings: EvalSettings,
     else:
         types = gdf[field_].astype(str) if field_ else pd.Series("road", index=gdf.index)
     wanted = list(settings.road_types) or sorted(types.unique())
-    shapes = buffer_in_crs(gdf, settings.buffer_radius, info.crs)
-    refs = {}
+    buffered = buffer_in_crs(gdf, settings.buffer_radius, info.crs)
+    shapes = {}
     for t in wanted:
-        sel = (types == t).to_numpy()
-        geoms = [g for g in shapes[sel] if g is not None and not g.is_empty]
-        refs[t] = features.rasterize(((g, 1) for g in geoms), out_shape=(info.height, info.width), transform=info.transform, fill=0, dtype="uint8").astype(bool) if geoms else np.zeros((info.height, info.width), bool)
+        geoms = buffered[(types == t).to_numpy()].to_numpy()
+        shapes[t] = np.asarray([g for g in geoms if g is not None and not g.is_empty], dtype=object)
     lines = gdf.loc[gdf.geometry.geom_type.isin(LINE_TYPES).to_numpy()].to_crs(info.crs).assign(road_type=types)
-    return refs, lines
+    return ReferenceShapes(wanted, shapes, {t: shapely.STRtree(g) for t, g in shapes.items()}, lines)
+
+
+def reference_masks(info: ImageInfo, labels: str | Path, settings: EvalSettings, *, layer: str | None = None, where: str | None = None) -> tuple[dict[str, np.ndarray], gpd.GeoDataFrame]:
+    """Buffered reference roads of each type, burned on the whole image grid (small scenes); and the lines."""
+    ref = reference_shapes(info, labels, settings, layer=layer, where=where)
+    full = Window(0, 0, info.width, info.height)
+    return {t: ref.burn(t, full, info.transform) for t in ref.types}, ref.lines
+
+
+def coarse_nearest_type(ref: ReferenceShapes, info: ImageInfo, max_side: int = 1024) -> tuple[np.ndarray, int]:
+    """Nearest road type (1-based; 0 none) on a grid decimated by a factor ``f``; returns it and ``f``.
+
+    Used for pixels further than the halo from every reference, where only a coarse
+    Voronoi split is needed and a full-resolution one would cost memory in the scene's area.
+    """
+    f = max(1, -(-max(info.width, info.height) // max_side))
+    h, w = -(-info.height // f), -(-info.width // f)
+    transform = info.transform * rasterio.Affine.scale(f)
+    label = np.zeros((h, w), np.int32)
+    for i, t in enumerate(ref.types, start=1):
+        label[ref.burn(t, Window(0, 0, w, h), transform, all_touched=True) & (label == 0)] = i
+    if not label.any():
+        return label, f
+    _, (ri, ci) = ndimage.distance_transform_edt(label == 0, return_indices=True)
+    return label[ri, ci], f
 
 
 def evaluate_scene(
@@ -172,29 +244,73 @@ def evaluate_scene(
     model: str,
     layer: str | None = None,
     where: str | None = None,
+    block: int = BLOCK,
+    image_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one classified scene; writes and returns ``{"rows": [...], ...}`` with counts and ratios per road type."""
-    info = image_info(image)
+    """Evaluate one classified scene; writes and returns ``{"rows": [...], ...}`` with counts and ratios per road type.
+
+    The scene is evaluated in windows of ``block`` pixels, each read with a halo so that
+    distances (relaxed metrics, the split by nearest road type) are exact near its
+    edges; reference roads are burned per window from a spatial index. Memory depends
+    on ``block``, not on the scene or the label file. ``image_kwargs`` are the workflow's
+    checks of the image (:func:`roadxfer.glue.image_kwargs`); by default any bands and type.
+    """
+    info = image_info(image, **dict(image_kwargs or {"allowed_band_counts": None, "allowed_dtypes": None}))
     with rasterio.open(classified) as src:
         if (src.width, src.height, src.transform) != (info.width, info.height, info.transform):
-            raise ValueError(f"{classified} is not on the grid of {image}")
-        cls = src.read(1)
-    with rasterio.open(image) as src:
-        _, valid = read_window(src, info, rasterio.windows.Window(0, 0, info.width, info.height))
-    valid &= cls != IGNORE_VALUE
-    for r0, c0, h, w in settings.ignore_windows:
-        valid[r0 : r0 + h, c0 : c0 + w] = False
-    pred = (cls > 0) & valid
-    refs, ref_lines = reference_masks(info, labels, settings, layer=layer, where=where)
-    per_type = mask_metrics(pred, refs, valid, settings.relaxed_pixels)
-    rows = [{"scene": scene_id, "model": model, "road_type": t, **c, **ratios(c)} for t, c in per_type.items()]
-    result: dict[str, Any] = {"scene": scene_id, "model": model, "rows": rows}
+            raise InputError(classified, f"is not on the grid of {image}", "classify this scene again")
+    ref = reference_shapes(info, labels, settings, layer=layer, where=where)
+    halo = max(HALO, int(np.ceil(settings.relaxed_pixels)) + 1)
+    far_grid, f = coarse_nearest_type(ref, info)
+    totals: dict[str, dict[str, int]] = {}
+    seen: set[str] = set()
+    pieces: list[shapely.Geometry] = []
+    windows = list(block_windows(info.width, info.height, block))
+    t0 = last_log = time.perf_counter()
+    with rasterio.open(image) as img, rasterio.open(classified) as src:
+        for n, core in enumerate(windows, start=1):
+            r0, c0 = max(0, int(core.row_off) - halo), max(0, int(core.col_off) - halo)
+            r1 = min(info.height, int(core.row_off + core.height) + halo)
+            c1 = min(info.width, int(core.col_off + core.width) + halo)
+            pad = Window(c0, r0, c1 - c0, r1 - r0)
+            cls = src.read(1, window=pad)
+            _, valid = read_window(img, info, pad)
+            valid &= cls != IGNORE_VALUE
+            for wr, wc, wh, ww in settings.ignore_windows:  # [row_off, col_off, height, width] in scene pixels
+                valid[max(0, wr - r0) : max(0, wr + wh - r0), max(0, wc - c0) : max(0, wc + ww - c0)] = False
+            in_core = np.zeros(valid.shape, bool)
+            cr, cc = int(core.row_off) - r0, int(core.col_off) - c0
+            in_core[cr : cr + int(core.height), cc : cc + int(core.width)] = True
+            core_valid = valid[cr : cr + int(core.height), cc : cc + int(core.width)]
+            if core_valid.any():
+                pieces.append(valid_area(core_valid, rasterio.windows.transform(core, info.transform)))
+            pred = (cls > 0) & valid
+            refs = {t: ref.burn(t, pad, info.transform) for t in ref.types}
+            seen.update(t for t, m in refs.items() if m[in_core].any())
+            if not pred.any() and not any(m.any() for m in refs.values()):
+                continue  # nothing to count here
+            rows, cols = np.arange(r0, r1) // f, np.arange(c0, c1) // f
+            far_label = far_grid[rows[:, None], cols[None, :]]
+            for t, c in mask_metrics(pred, refs, valid, settings.relaxed_pixels, region=in_core, far_label=far_label, far=halo).items():
+                acc = totals.setdefault(t, dict.fromkeys(COUNT_KEYS, 0))
+                for k in COUNT_KEYS:
+                    acc[k] += c[k]
+            if len(windows) > 1 and (n == len(windows) or time.perf_counter() - last_log >= 10):
+                last_log = time.perf_counter()
+                log.info("%s / %s: window %d/%d evaluated (%.0f s)", model, scene_id, n, len(windows), last_log - t0)
+    per_type = {"all": totals.get("all", dict.fromkeys(COUNT_KEYS, 0))}
+    per_type.update({t: totals.get(t, dict.fromkeys(COUNT_KEYS, 0)) for t in ref.types if t in seen})
+    rows_out = [{"scene": scene_id, "model": model, "road_type": t, **c, **ratios(c)} for t, c in per_type.items()]
+    result: dict[str, Any] = {"scene": scene_id, "model": model, "rows": rows_out}
     if centrelines is not None:
         # APLS compares the networks on the scene's valid area only (nodata, alpha and ignore
         # windows removed): lines of the label file elsewhere are not roads this scene could show.
-        area = valid_area(valid, info.transform)
+        area = shapely.union_all(pieces) if pieces else shapely.Polygon()
         prop = gpd.read_file(centrelines, layer="centrelines")
-        ref_lines, prop = clip_lines(ref_lines, area), clip_lines(prop.to_crs(ref_lines.crs) if len(prop) else prop, area)
+        ref_lines, prop = clip_lines(ref.lines, area), clip_lines(prop.to_crs(ref.lines.crs) if len(prop) else prop, area)
+        if not len(ref_lines) and len(ref.lines):
+            log.warning("%s: none of the %d reference line(s) of %s lie on the valid area of %s: APLS has no reference; check the labels' layer and filter",
+                        scene_id, len(ref.lines), labels, image)
         crs = ref_lines.crs
         if crs is not None and crs.is_geographic:
             utm = ref_lines.estimate_utm_crs()
@@ -203,7 +319,7 @@ def evaluate_scene(
                               snap=settings.apls_snap, max_pairs=settings.apls_max_pairs)
     with atomic_path(out_json) as tmp:
         tmp.write_text(json.dumps(result, indent=2))
-    log.info("%s / %s: %s", model, scene_id, ", ".join(f"{r['road_type']} F1 {r['f1']:.3f} recall {r['recall']:.3f}" for r in rows))
+    log.info("%s / %s: %s", model, scene_id, ", ".join(f"{r['road_type']} F1 {r['f1']:.3f} recall {r['recall']:.3f}" for r in rows_out))
     return result
 
 

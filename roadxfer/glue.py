@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .labels import LabelSettings
+from .radiometry import Radiometry
 from .tiles import TileSettings
 
 
@@ -30,7 +31,14 @@ def run_logged(snakemake: Any, main: Callable[[], object]) -> None:
 
 
 def image_kwargs(image_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {"allowed_band_counts": (int(image_cfg.get("band_count", 3)),), "allowed_dtypes": tuple(image_cfg.get("dtypes", ["uint8"]))}
+    """The checks of ``image:`` in the config, as keyword arguments of :func:`roadxfer.raster.image_info`."""
+    bands = image_cfg.get("bands")
+    count = len(bands) if bands else int(image_cfg.get("band_count", 3))
+    return {"allowed_band_counts": (count,), "allowed_dtypes": tuple(image_cfg.get("dtypes", ["uint8"])), "bands": tuple(bands) if bands else None}
+
+
+def radiometry(image_cfg: Mapping[str, Any]) -> Radiometry:
+    return Radiometry.from_config(image_cfg.get("rescale"))
 
 
 def label_settings(labels_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]) -> LabelSettings:
@@ -60,8 +68,10 @@ def tile_settings(tiles_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]
     )
 
 
-def classify_settings(cfg: Mapping[str, Any]) -> Any:
+def classify_settings(cfg: Mapping[str, Any], image_cfg: Mapping[str, Any] | None = None) -> Any:
+    """Classification settings; the bands come from ``image.bands`` (the rescale from the model's package)."""
     from .classify import ClassifySettings
 
     keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length", "bridge_gaps")
-    return ClassifySettings(**{k: cfg[k] for k in keys if k in cfg})
+    bands = (image_cfg or {}).get("bands")
+    return ClassifySettings(**{k: cfg[k] for k in keys if k in cfg}, bands=tuple(bands) if bands else None)

@@ -35,6 +35,7 @@ from . import __version__, reference
 from .atomic import atomic_path
 from .errors import InputError
 from .model import ModelSpec, build_model, raw_pixel_scaling, read_state_dict
+from .radiometry import Radiometry
 from .styles import complete_classes
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,18 @@ class Package:
     @property
     def tile_size(self) -> int:
         return int(self.emd["ImageHeight"])
+
+    @property
+    def radiometry(self) -> Radiometry:
+        """The rescale the model was trained with (8-bit imagery used as is for packages that do not say)."""
+        rec = self.emd.get("roadxfer", {}).get("radiometry")
+        return Radiometry.from_config(rec["settings"]) if rec else Radiometry()
+
+    @property
+    def source_bands(self) -> tuple[int, ...] | None:
+        """1-based bands of the training imagery, when recorded."""
+        rec = self.emd.get("roadxfer", {}).get("radiometry") or {}
+        return tuple(rec["source_bands"]) if rec.get("source_bands") else None
 
     @property
     def mean(self) -> list[float]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from .errors import InputError
+from .radiometry import Radiometry, Stretch, scene_stretch
 
 # Creation options for every GeoTIFF we write: tiled and compressed, so windowed reads
 # of our outputs are cheap and files stay small.
@@ -40,6 +41,12 @@ class ImageInfo:
     nodata: float | None
     bands: tuple[int, ...]  # 1-based indexes of the image bands used (alpha excluded)
     alpha: int | None  # 1-based index of the alpha band, if any
+    stretch: Stretch | None = None  # set: read_window returns 8-bit values through it
+
+    def with_stretch(self, radiometry: Radiometry) -> ImageInfo:
+        """This scene with its radiometric stretch computed (once; a decimated read)."""
+        with rasterio.open(self.path) as src:
+            return replace(self, stretch=scene_stretch(self.path, src, self.bands, self.alpha, self.nodata, self.dtype, radiometry))
 
     @property
     def cell_size(self) -> float:
@@ -58,13 +65,18 @@ def cell_size_metres(crs: rasterio.crs.CRS | None, cell: float) -> float:
 def image_info(
     path: str | Path,
     *,
-    allowed_band_counts: tuple[int, ...] = (3,),
-    allowed_dtypes: tuple[str, ...] = ("uint8",),
+    allowed_band_counts: tuple[int, ...] | None = (3,),
+    allowed_dtypes: tuple[str, ...] | None = ("uint8",),
+    bands: Sequence[int] | None = None,
+    radiometry: Radiometry | None = None,
+    bands_fix: str = "choose the bands with `image.bands` (e.g. [1, 2, 3]) or change `image.band_count` in the config",
 ) -> ImageInfo:
     """Open ``path`` and check it is imagery the workflow can use.
 
     An alpha band (colour interpretation ``alpha``, or a 4th band of a 3-band setup) is
-    not counted as an image band: it marks nodata.
+    not counted as an image band: it marks nodata. ``bands`` (1-based) selects the image
+    bands, in that order; by default every band but the alpha. ``None`` for an allowed
+    list accepts anything. With ``radiometry`` the scene's stretch to 8 bits is computed.
     """
     path = str(path)
     if not Path(path).exists():
@@ -88,23 +100,31 @@ def image_info(
     for i, ci in enumerate(colorinterp, start=1):
         if ci == ColorInterp.alpha:
             alpha = i
-    if alpha is None and mask_like_last and count - 1 in allowed_band_counts and count not in allowed_band_counts:
+    if alpha is None and bands is None and mask_like_last and allowed_band_counts and count - 1 in allowed_band_counts and count not in allowed_band_counts:
         alpha = count  # e.g. RGB + a 0/255 mask band exported without the alpha tag
-    bands = tuple(i for i in range(1, count + 1) if i != alpha)
-    if len(bands) not in allowed_band_counts:
+    if bands is not None:
+        bad = [b for b in bands if not 1 <= int(b) <= count or int(b) == alpha]
+        if bad or not bands:
+            raise InputError(path, f"has bands 1-{count}{f' (band {alpha} is alpha)' if alpha else ''}; image.bands asks for {list(bands)}",
+                             "list existing, non-alpha band numbers (1-based) under image.bands")
+        bands = tuple(int(b) for b in bands)
+    else:
+        bands = tuple(i for i in range(1, count + 1) if i != alpha)
+    if allowed_band_counts is not None and len(bands) not in allowed_band_counts:
         raise InputError(
             path,
             f"has {len(bands)} image band(s), the workflow is configured for {list(allowed_band_counts)}",
-            "select the bands with `gdal_translate -b 1 -b 2 -b 3` or change `image.band_count` in the config",
+            bands_fix,
         )
     dtype = dtypes[bands[0] - 1]
-    if dtype not in allowed_dtypes:
+    if allowed_dtypes is not None and dtype not in allowed_dtypes:
         raise InputError(
             path,
             f"has pixel type {dtype}, the workflow accepts {list(allowed_dtypes)}",
-            "rescale it to 8 bit first, e.g. `gdal_translate -ot Byte -scale SRC_MIN SRC_MAX 0 255 in.tif out.tif`",
+            f"add {dtype} to `image.dtypes` (it is rescaled to 8 bits by `image.rescale`)",
         )
-    return ImageInfo(path, width, height, crs, transform, count, dtype, nodata, bands, alpha)
+    info = ImageInfo(path, width, height, crs, transform, count, dtype, nodata, bands, alpha)
+    return info.with_stretch(radiometry) if radiometry is not None else info
 
 
 def _looks_like_mask(src: rasterio.DatasetReader, band: int) -> bool:
@@ -118,7 +138,8 @@ def read_window(src: rasterio.DatasetReader, info: ImageInfo, window: Window) ->
     """Read the image bands of ``window`` and a boolean *valid* mask (False = nodata).
 
     Reads outside the raster come back as nodata (``boundless``), so callers can ask
-    for windows that overhang the edge.
+    for windows that overhang the edge. With ``info.stretch`` the bands come back as
+    8-bit values (0 where invalid).
     """
     data = read_boundless(src, list(info.bands), window, 0)
     valid = _inside_mask(window, info.width, info.height)
@@ -126,6 +147,12 @@ def read_window(src: rasterio.DatasetReader, info: ImageInfo, window: Window) ->
         valid &= read_boundless(src, info.alpha, window, 0) != 0
     if info.nodata is not None:
         valid &= ~np.all(data == np.asarray(info.nodata, dtype=data.dtype), axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.all(np.isfinite(data), axis=0)
+    if info.stretch is not None:
+        data = info.stretch.apply(data)
+        if not info.stretch.identity:
+            data[:, ~valid] = 0
     return data, valid
 
 

@@ -30,6 +30,7 @@ from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
 from .orientation import rotate_bins
+from .radiometry import Radiometry
 from .raster import cell_size_metres, image_info, read_boundless, read_window, tile_starts
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,16 @@ def export_tiles(
     *,
     scene_id: str = "",
     image_kwargs: Mapping[str, Any] | None = None,
+    radiometry: Radiometry | None = None,
 ) -> dict[str, Any]:
-    """Cut one scene into chips; write the dataset folder atomically; return its stats."""
-    info = image_info(image, **dict(image_kwargs or {}))
+    """Cut one scene into chips; write the dataset folder atomically; return its stats.
+
+    Chips are 8-bit: other imagery is stretched by ``radiometry`` (default: percentiles
+    for non-8-bit scenes), and the scene's stretch is recorded in the statistics.
+    """
+    radiometry = radiometry or Radiometry()
+    info = image_info(image, **dict(image_kwargs or {}), radiometry=radiometry)
+    assert info.stretch is not None
     with rasterio.open(label) as lab:
         if (lab.width, lab.height, lab.transform, lab.crs) != (info.width, info.height, info.transform, info.crs):
             raise InputError(label, f"label raster is not on the grid of {image}", "re-run the rasterization step for this scene")
@@ -199,6 +207,7 @@ def export_tiles(
             cell_size=info.cell_size,
             band_stats={"min": band_min.tolist() if valid_px else [], "max": band_max.tolist() if valid_px else [], "mean": mean.tolist(), "std": std.tolist()},
             extra={"SceneId": scene_id, "SourceImage": str(image), "CellSizeMetres": cell_size_metres(info.crs, info.cell_size),
+                   "SourceBands": list(info.bands), "Radiometry": {"settings": radiometry.to_dict(), "stretch": info.stretch.to_dict()},
                    "OrientationBinSize": settings.orientation_bin_size, "Stride": settings.stride,
                    "SkippedNodataTiles": skipped_nodata, "SkippedEmptyTiles": skipped_empty},
         )
@@ -279,6 +288,8 @@ class Dataset:
     bands: int
     cell_size: float | None
     scene_id: str
+    radiometry: dict[str, Any] | None = None  # {"settings", "stretch"} of our exports; None for others'
+    source_bands: tuple[int, ...] | None = None  # 1-based bands of the source image the chips hold
 
 
 def read_dataset(root: str | Path) -> Dataset:
@@ -337,8 +348,10 @@ def read_dataset(root: str | Path) -> Dataset:
         raise InputError(images[0], f"chip is {size[1]}x{size[0]} px but the stats say {tile_x}x{tile_y}", "export the tiles again")
     if size[0] != size[1]:
         raise InputError(images[0], f"chip is not square ({size[1]}x{size[0]})", "export square tiles")
+    extra = stats.get("roadxfer", {})
     return Dataset(root, tuple(images), tuple(labels), tuple(orient), classes, size[0], bands,
-                   cell, str(stats.get("roadxfer", {}).get("SceneId", root.name)))
+                   cell, str(extra.get("SceneId", root.name)), extra.get("Radiometry"),
+                   tuple(extra["SourceBands"]) if extra.get("SourceBands") else None)
 
 
 _CHIP_EXT = r"\.(?:tif|tiff|png|jpg|jpeg|mrf)"

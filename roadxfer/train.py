@@ -34,6 +34,7 @@ from .errors import InputError
 from .model import REFERENCE_ARCH, ModelSpec, MultiTaskRoadModel, build_model, load_encoder_checkpoint, raw_pixel_scaling, undirected_log_probs
 from .orientation import n_bins, target_lut
 from .package import build_emd, check_compatible, load_package, write_package
+from .radiometry import training_record
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ def train(
     with stage(datasets, cfg.stage_tiles) as local:
         data = load_tiles(local, classes, orientation_bin_size=cfg.orientation_bin_size)
     data.sources = [str(d) for d in datasets]
+    radiometry = training_record(data.radiometry, data.sources, data.source_bands)  # datasets rescaled alike, checked before training
     pkg = load_package(pretrained) if pretrained else None
     spec = model_spec(cfg, bands=data.bands, n_classes=len(classes), pretrained_spec=pkg.spec if pkg else None)
 
@@ -400,6 +402,7 @@ def train(
     emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=bin_size, mean=mean, std=std,
                     cell_size=data.cell_size, provenance={
                         "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes, "tiles": len(data), "sha256": data_sha256},
+                        "radiometry": radiometry,
                         "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
                         "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev)})
     extras = _write_curves(workdir, history)

@@ -13,6 +13,7 @@ rule classify_scene:
         probability_style="results/classified/{model}/{scene}/probability.qml",
     params:
         settings=config["classify"],
+        image=config["image"],
     log:
         "logs/classified/{model}/{scene}.log",
     benchmark:

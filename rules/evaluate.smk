@@ -10,6 +10,7 @@ rule evaluate_scene:
     params:
         row=scene_row,
         settings=eval_settings,
+        image=config["image"],
     log:
         "logs/evaluation/{model}/{scene}.log",
     benchmark:

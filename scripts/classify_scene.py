@@ -14,7 +14,7 @@ run_logged(
         sm.output.classes,
         out_probability=sm.output.probability,
         out_centrelines=sm.output.centrelines,
-        settings=classify_settings(sm.params.settings),
+        settings=classify_settings(sm.params.settings, sm.params.image),
         threads=sm.threads,
     ),
 )

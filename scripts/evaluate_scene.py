@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.evaluate import EvalSettings, evaluate_scene  # noqa: E402
-from roadxfer.glue import run_logged  # noqa: E402
+from roadxfer.glue import image_kwargs, run_logged  # noqa: E402
 
 sm = snakemake  # noqa: F821
 row = sm.params.row
@@ -20,5 +20,6 @@ run_logged(
         model=sm.wildcards.model,
         layer=row["layer"] or None,
         where=row["filter"] or None,  # the lines the scene's labels were made from
+        image_kwargs=image_kwargs(sm.params.image),
     ),
 )

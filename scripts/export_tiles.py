@@ -2,7 +2,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from roadxfer.glue import image_kwargs, run_logged, tile_settings  # noqa: E402
+from roadxfer.glue import image_kwargs, radiometry, run_logged, tile_settings  # noqa: E402
 from roadxfer.tiles import export_tiles  # noqa: E402
 
 sm = snakemake  # noqa: F821
@@ -16,5 +16,6 @@ run_logged(
         tile_settings(sm.params.tiles, sm.params.classes, sm.params.bin_size),
         scene_id=sm.wildcards.scene,
         image_kwargs=image_kwargs(sm.params.image),
+        radiometry=radiometry(sm.params.image),
     ),
 )

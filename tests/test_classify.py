@@ -167,11 +167,16 @@ def test_tta_and_float32_probability(tmp_path, package):
     assert np.abs(views[0] - np.mean(views, 0)).max() > 1e-3  # the views differ: TTA is not a no-op here
 
 
-@pytest.mark.parametrize(("kw", "pattern"), [({"count": 2}, r"img\.tif: has 2 image band\(s\)"), ({"count": 5}, r"img\.tif: has 5 image band\(s\)"), ({"dtype": "uint16"}, r"img\.tif: has pixel type uint16")])
-def test_band_and_dtype_mismatch(tmp_path, package, kw, pattern):
+@pytest.mark.parametrize(("kw", "settings", "pattern"), [
+    ({"count": 2}, {}, r"img\.tif: has 2 image band\(s\).*takes 3 band"),
+    ({"count": 5}, {}, r"img\.tif: has 5 image band\(s\)"),
+    ({"dtype": "uint16"}, {"rescale": {"method": "none"}}, r"img\.tif: has pixel type uint16 and image.rescale.method is none"),
+    ({"count": 3}, {"bands": (1, 2, 4)}, r"img\.tif: has bands 1-3; image.bands asks for \[1, 2, 4\]"),
+])
+def test_band_and_dtype_mismatch(tmp_path, package, kw, settings, pattern):
     image = make_raster(tmp_path / "img.tif", size=(64, 64), **kw)
     with pytest.raises(InputError, match=pattern):
-        classify_scene(image, package, tmp_path / "c.tif")
+        classify_scene(image, package, tmp_path / "c.tif", settings=ClassifySettings(**settings))
     assert not (tmp_path / "c.tif").exists()
 
 

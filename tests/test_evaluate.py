@@ -187,3 +187,55 @@ def test_apls_compares_the_networks_on_the_scene_only(tmp_path):
     res = evaluate_scene(image, tmp_path / "pred.tif", lines, labels, tmp_path / "m.json",
                          EvalSettings(buffer_radius=2.0, road_type_field=None, ignore_windows=[[0, 100, 200, 100]]), scene_id="s", model="m")
     assert res["apls"]["apls"] == pytest.approx(1.0)
+
+
+def _network_scene(tmp_path: Path, size: int = 300) -> tuple[Path, Path, Path]:
+    """Roads of three types every 60-90 px, and a prediction: shifted roads, a gap and speckle."""
+    image = make_raster(tmp_path / "img.tif", size=(size, size), alpha_zero=(slice(0, 40), slice(250, 300)))
+    lines, types = [], []
+    for i, y in enumerate(range(20, size // 2, 70)):  # horizontal roads (0.5 m cells)
+        lines.append(LineString([(X0, Y0 - y), (X0 + size / 2, Y0 - y - 7)]))
+        types.append(("paved", "unpaved", "trail")[i % 3])
+    for i, x in enumerate(range(15, size // 2, 45)):  # vertical ones
+        lines.append(LineString([(X0 + x, Y0), (X0 + x + 5, Y0 - size / 2)]))
+        types.append(("trail", "paved", "unpaved")[i % 3])
+    labels = make_vectors(tmp_path / "ref.gpkg", lines, Classvalue=[1] * len(lines), road_type=types)
+    rng = np.random.default_rng(3)
+    pred = np.zeros((1, size, size), np.uint8)
+    for y in range(40, size, 140):
+        pred[0, y : y + 6, 10:] = 1
+    pred[0, :, 28:33] = 1
+    pred[0, :, 150:160] = 0  # a gap across everything
+    pred[0][rng.random((size, size)) < 0.01] = 1  # speckle
+    pred[0, 290:, 290:] = 255  # classified as nodata
+    make_raster(tmp_path / "pred.tif", size=(size, size), count=1, data=pred)
+    return image, labels, tmp_path / "pred.tif"
+
+
+def test_windowed_evaluation_equals_the_whole_scene_at_once(tmp_path):
+    """Windows of 64 px (halo included) count exactly what one window over the whole scene counts."""
+    image, labels, pred = _network_scene(tmp_path)
+    settings = EvalSettings(buffer_radius=2.0, ignore_windows=[[100, 100, 30, 50]])
+    whole = evaluate_scene(image, pred, None, labels, tmp_path / "a.json", settings, scene_id="s", model="m", block=10_000)
+    tiled = evaluate_scene(image, pred, None, labels, tmp_path / "b.json", settings, scene_id="s", model="m", block=64)
+    assert {r["road_type"] for r in whole["rows"]} == {"all", "paved", "unpaved", "trail"}
+    key = lambda res: {r["road_type"]: {k: r[k] for k in ("tp", "fp", "fn", "relaxed_tp_pred", "n_pred", "relaxed_tp_ref", "n_ref")} for r in res["rows"]}  # noqa: E731
+    assert key(tiled) == key(whole)
+    assert key(whole)["all"]["fp"] > 0 and key(whole)["all"]["fn"] > 0  # the case is not trivial
+
+
+def test_pixels_far_from_every_road_take_their_type_from_the_coarse_split(tmp_path, monkeypatch):
+    """With a halo of 4 px most pixels fall back to the coarse nearest-type map: strict counts of
+    each road's own pixels stay exact and every false positive is still given to exactly one type."""
+    import roadxfer.evaluate as ev
+
+    image, labels, pred = _network_scene(tmp_path)
+    settings = EvalSettings(buffer_radius=2.0, relaxed_pixels=3)
+    exact = {r["road_type"]: r for r in evaluate_scene(image, pred, None, labels, tmp_path / "a.json", settings, scene_id="s", model="m", block=10_000)["rows"]}
+    monkeypatch.setattr(ev, "HALO", 4)
+    coarse = {r["road_type"]: r for r in evaluate_scene(image, pred, None, labels, tmp_path / "b.json", settings, scene_id="s", model="m", block=64)["rows"]}
+    types = ("paved", "unpaved", "trail")
+    for t in types:
+        assert (coarse[t]["tp"], coarse[t]["fn"], coarse[t]["n_ref"]) == (exact[t]["tp"], exact[t]["fn"], exact[t]["n_ref"])
+    assert coarse["all"] == exact["all"]
+    assert sum(coarse[t]["fp"] for t in types) == exact["all"]["fp"]
