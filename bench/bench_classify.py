@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import tiled_demo_image  # noqa: E402
+from peak import peak_rss_mib  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene, model_predict_fn  # noqa: E402
 from roadxfer.model import ModelSpec, MultiTaskRoadModel  # noqa: E402
 from roadxfer.package import build_emd, load_package, write_package  # noqa: E402
@@ -41,7 +41,7 @@ def make_package(folder: Path, arch: str, backbone: str, tile: int) -> Path:
 def child(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     s = classify_scene(args.image, args.package, args.out, out_probability=args.out.with_name("p.tif"), settings=ClassifySettings(batch_size=args.batch, device=args.device), threads=args.threads)
-    print(json.dumps({"seconds": s["seconds"], "tiles": s["tiles"], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": s["seconds"], "tiles": s["tiles"], "peak_rss_mib": peak_rss_mib()}))
 
 
 def main() -> None:

@@ -101,7 +101,11 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     r = evaluate_scene(p["image"], p["classes"], p["centrelines"], p["labels"], Path(p["classes"]).with_name("eval.json"), EvalSettings(),
                        scene_id="bench", model="bench")
-    out = {"seconds": time.perf_counter() - t0, "apls": r["apls"]["apls"], "f1_all": next(x["f1"] for x in r["rows"] if x["road_type"] == "all")}
+    sys.path.insert(1, str(ROOT / "bench"))
+    from peak import peak_rss_mib
+
+    out = {"seconds": time.perf_counter() - t0, "apls": r["apls"]["apls"], "f1_all": next(x["f1"] for x in r["rows"] if x["road_type"] == "all"),
+           "peak_rss_mib": peak_rss_mib()}
     print(json.dumps(out))
 
 
@@ -127,18 +131,16 @@ def main() -> None:
         n = max(1, round(args.lines * k / max(args.factors)))
         paths = make_scene(args.data / f"x{k}", side, n)
         cmd = [sys.executable, __file__, "--child", "--paths", json.dumps(paths), "--code", str(args.code), "--mem-limit-gb", str(args.mem_limit_gb)]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        rss_txt = f"{rss / 1024:.0f}" if rss > before else f"<= {before / 1024:.0f}"
-        if proc.returncode:
+        if proc.returncode:  # killed or out of memory: the cap (or more) was reached
+            rss_txt = f">= {args.mem_limit_gb * 1024:.0f} (cap)" if args.mem_limit_gb and "Memory" in proc.stderr else "?"
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
             print(f"| {k}x | {side} | {n} | failed after {wall:.0f} s | | {rss_txt} | {tail} | |")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {k}x | {side} | {n} | {r['seconds']:.1f} | {r['seconds'] / k:.1f} | {rss_txt} | {r['f1_all']:.3f} | {r['apls']:.3f} |", flush=True)
+        print(f"| {k}x | {side} | {n} | {r['seconds']:.1f} | {r['seconds'] / k:.1f} | {r['peak_rss_mib']:.0f} | {r['f1_all']:.3f} | {r['apls']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,4 @@ def tiled_demo_image(path: Path, size: int, cell: float = 0.3) -> Path:
             strip = np.tile(base, (1, 1, reps))[:, : min(1024, size - r0), :size]
             dst.write(strip, window=rasterio.windows.Window(0, r0, size, strip.shape[1]))
     return path
+

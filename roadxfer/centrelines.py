@@ -1,17 +1,24 @@
-"""Road centrelines from a classified raster: skeletonise, trace into lines, simplify.
+"""Road centrelines from a classified raster: a road graph, one line per edge.
 
-Works block by block (with an overlap so the skeleton is the same as on the whole
-mask), so memory does not grow with the scene. Each block contributes the skeleton
-edges that start in its core; shapely's ``line_merge`` then joins pixel edges into
-lines between junctions and ends, across blocks. ``clean_network`` then removes the
-skeleton's short side branches and specks without cutting a road anywhere.
+The road mask is made from the probability raster with hysteresis (strong seeds grow
+into weaker neighbours), small holes closed and specks removed (:mod:`roadxfer.roadmask`),
+then skeletonised block by block (with an overlap so the skeleton is the same as on the
+whole mask): memory does not grow with the scene. Each block contributes the skeleton
+edges that start in its core; shapely's ``line_merge`` joins pixel edges into one line
+per edge of the road graph (between junctions and ends, degree-2 chains merged), across
+blocks, so a road crossing block borders is one line. The graph is then cleaned: short
+side branches pruned without cutting a road, junctions that nearly meet snapped into one,
+networks dropped by length and by mean road probability, dead ends bridged across gaps.
+The layer carries a node id at each end (a routable network) and a ``nodes`` layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +32,17 @@ import shapely.ops
 from rasterio.windows import Window
 from skimage.morphology import skeletonize
 
+from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .raster import cell_size_metres
+from .roadmask import MaskSettings, MaskStats, clean_mask
 from .styles import add_gpkg_style, centreline_qml, complete_classes
 
 log = logging.getLogger(__name__)
 
 BLOCK = 2048
 HALO = 64  # skeletons of roads narrower than this are identical with and without the block cut
+MESH_LOOP_LENGTH = 30.0  # metres of centreline per loop below which a network is a mesh of noise
 
 
 def skeleton_edges(skel: np.ndarray, row_range: tuple[int, int], col_range: tuple[int, int]) -> np.ndarray:
@@ -61,18 +71,23 @@ def skeleton_edges(skel: np.ndarray, row_range: tuple[int, int], col_range: tupl
     return np.concatenate(edges) if edges else np.zeros((0, 2, 2))
 
 
-def trace_lines(mask_reader, height: int, width: int) -> list[shapely.LineString]:
-    """Centrelines (pixel-centre coordinates, x = col + 0.5, y = row + 0.5) of a boolean mask read by blocks."""
+def trace_lines(mask_reader: Callable[..., np.ndarray], height: int, width: int, *, block: int = BLOCK) -> list[shapely.LineString]:
+    """Centrelines (pixel-centre coordinates, x = col + 0.5, y = row + 0.5) of a boolean mask read by blocks.
+
+    ``mask_reader(window, core)`` returns the mask of a padded window; ``core`` (a pair of
+    slices into it) is the part this block owns, for readers that count what they see.
+    """
     pieces = []
-    for r0 in range(0, height, BLOCK):
-        for c0 in range(0, width, BLOCK):
+    for r0 in range(0, height, block):
+        for c0 in range(0, width, block):
             rr0, cc0 = max(r0 - HALO, 0), max(c0 - HALO, 0)
-            rr1, cc1 = min(r0 + BLOCK + HALO, height), min(c0 + BLOCK + HALO, width)
-            mask = mask_reader(Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
+            rr1, cc1 = min(r0 + block + HALO, height), min(c0 + block + HALO, width)
+            core = (slice(r0 - rr0, min(r0 + block, height) - rr0), slice(c0 - cc0, min(c0 + block, width) - cc0))
+            mask = mask_reader(Window(cc0, rr0, cc1 - cc0, rr1 - rr0), core)
             if not mask.any():
                 continue
             skel = skeletonize(mask)
-            e = skeleton_edges(skel, (r0 - rr0, min(r0 + BLOCK, height) - rr0), (c0 - cc0, min(c0 + BLOCK, width) - cc0))
+            e = skeleton_edges(skel, (core[0].start, core[0].stop), (core[1].start, core[1].stop))
             if len(e):
                 e = e.astype(np.float64) + np.array([rr0, cc0]) + 0.5
                 pieces.append(e[..., ::-1])  # (x=col, y=row)
@@ -164,9 +179,10 @@ def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: 
     tree = shapely.STRtree(lines)
     cos_max = math.cos(math.radians(max_angle))
     joins = []
+    used: set[tuple[float, float]] = set()  # dead ends already joined (by their own join or as a target)
     for i, line in enumerate(lines):
         for at_start, key in zip((True, False), _end_keys(line)):
-            if degree[key] != 1:
+            if degree[key] != 1 or key in used:
                 continue
             end = shapely.Point(key)
             out = _end_direction(line, at_start, reach=max_gap)
@@ -190,12 +206,140 @@ def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: 
                 tip = np.asarray(key) + v
                 ends = np.asarray([target.coords[0], target.coords[-1]], float)
                 k = int(np.argmin(np.linalg.norm(ends - tip, axis=1)))
-                if np.linalg.norm(ends[k] - tip) < 1e-6:
-                    tip = ends[k]  # end to end: the very same vertex
+                end_key = _end_keys(target)[k]
+                near = np.linalg.norm(ends[k] - tip)
+                if near < 1e-6 or (degree.get(end_key) == 1 and near <= max(2.0, 0.5 * dist)):
+                    # Two dead ends facing each other: one join, end to end, on the very same vertices
+                    # (a second join from the other end would close a little loop).
+                    tip = ends[k]
+                    used.add(end_key)
                 else:
                     tip = tip + v * 0.5 / dist  # overshoot half a pixel so the crossing gets noded
+                used.add(key)
                 joins.append(shapely.LineString([key, tuple(tip)]))
     return lines + joins
+
+
+def snap_junctions(lines: Sequence[shapely.LineString], snap: float) -> list[shapely.LineString]:
+    """Contract edges shorter than ``snap`` between two junctions into one junction at their middle.
+
+    A skeleton junction is often a small cluster of pixels, which ``line_merge`` turns into
+    several junctions joined by pixel-long lines. Dangling short pieces are spurs and are
+    left to :func:`clean_network`.
+    """
+    lines = _merge(lines)
+    if snap <= 0 or not lines:
+        return lines
+    degree = _end_degrees(lines)
+    g = nx.Graph()
+    for line in lines:
+        a, b = _end_keys(line)
+        if line.length < snap and a != b and degree[a] >= 3 and degree[b] >= 3:
+            g.add_edge(a, b)
+    if not g.number_of_edges():
+        return lines
+    moved: dict[tuple[float, float], tuple[float, float]] = {}
+    for comp in nx.connected_components(g):
+        centre = tuple(np.mean(np.asarray(list(comp)), axis=0))
+        for key in comp:
+            moved[key] = centre
+    out = []
+    for line in lines:
+        a, b = _end_keys(line)
+        if a in moved and b in moved and moved[a] == moved[b] and line.length < snap:
+            continue  # the contracted edge itself
+        coords = np.asarray(line.coords)
+        if a in moved:
+            coords[0] = moved[a]
+        if b in moved:
+            coords[-1] = moved[b]
+        if len(coords) >= 2 and np.any(coords[0] != coords[-1]) or len(coords) > 3:
+            out.append(shapely.LineString(coords))
+    return _merge(out)
+
+
+def components(lines: Sequence[shapely.LineString]) -> list[list[int]]:
+    """Indexes of the lines of each connected network (lines meeting at an end)."""
+    g = nx.Graph()
+    for i, line in enumerate(lines):
+        a, b = _end_keys(line)
+        g.add_edge(("end", a), ("line", i))
+        g.add_edge(("end", b), ("line", i))
+    return [sorted(n[1] for n in comp if n[0] == "line") for comp in nx.connected_components(g)]
+
+
+def drop_meshes(lines: Sequence[shapely.LineString], min_loop_length: float, min_loops: int = 10) -> tuple[list[shapely.LineString], float, int]:
+    """Drop networks that are meshes of small loops, the skeleton of noise rather than of roads.
+
+    A road network closes a loop around each block, a hundred metres of road or more per
+    loop; the skeleton of a speckled mask closes one every few metres. Networks with at
+    least ``min_loops`` independent loops (edges - nodes + 1) and less than
+    ``min_loop_length`` of line per loop go. Returns the lines kept, the length dropped
+    and the number of loops dropped.
+    """
+    kept: list[shapely.LineString] = []
+    dropped, loops_dropped = 0.0, 0
+    for comp in components(lines):
+        members = [lines[i] for i in comp]
+        nodes = {k for m in members for k in _end_keys(m)}
+        loops = len(members) - len(nodes) + 1
+        length = sum(m.length for m in members)
+        if loops >= min_loops and length / loops < min_loop_length:
+            dropped += length
+            loops_dropped += loops
+        else:
+            kept.extend(members)
+    return kept, dropped, loops_dropped
+
+
+def axial_direction(line: shapely.LineString) -> float:
+    """Length-weighted mean direction of an undirected line, degrees clockwise from north (grid up), 0-180."""
+    xy = shapely.get_coordinates(line)
+    d = np.diff(xy, axis=0)
+    length = np.hypot(d[:, 0], d[:, 1])
+    if not length.sum():
+        return float("nan")
+    theta = np.arctan2(d[:, 0], d[:, 1])  # clockwise from +y (north)
+    c, s_ = (length * np.cos(2 * theta)).sum(), (length * np.sin(2 * theta)).sum()
+    return float(np.degrees(0.5 * np.arctan2(s_, c)) % 180.0)
+
+
+def noise_warning(stats: MaskStats, length_m: float, cell_m: float, mesh_m: float = 0.0, mesh_loops: int = 0) -> str | None:
+    """Why a prediction looks like noise rather than roads, or None.
+
+    Specks outnumbering kept road pixels, a mask far wider than roads are (area per
+    metre of centreline), or centrelines that form a mesh of small loops all point at a
+    model that does not suit the imagery.
+    """
+    reasons = []
+    if mesh_loops:
+        reasons.append(f"{mesh_m:.0f} m of centreline formed a mesh of {mesh_loops} small loops (dropped)")
+    seen = stats.kept + stats.specks
+    if seen and stats.specks > 0.5 * seen and stats.specks * cell_m**2 > 200:
+        reasons.append(f"{100 * stats.specks / seen:.0f}% of the predicted road pixels are isolated specks")
+    area = (stats.kept + stats.filled) * cell_m**2
+    if area > 500:
+        width = area / max(length_m, cell_m)
+        if width > 25:
+            reasons.append(f"the road mask is {width:.0f} m wide on average (roads are a few metres)")
+    return "; ".join(reasons) or None
+
+
+@dataclass(frozen=True)
+class VectorSettings:
+    min_length: float = 5.0  # metres: shorter side branches and networks are dropped
+    bridge: float = 10.0  # metres: dead ends are joined across gaps up to this long (0: never)
+    snap: float = 2.0  # metres: junctions joined by a shorter edge become one
+    min_probability: float = 0.4  # networks whose mean road probability is lower are dropped (with a probability raster)
+    simplify: float | None = None  # CRS units; default one cell
+    mask: MaskSettings = field(default_factory=MaskSettings)
+
+
+def vector_settings(cfg: dict[str, Any] | None) -> VectorSettings:
+    """:class:`VectorSettings` from ``classify.centrelines`` of the config (missing keys: defaults)."""
+    cfg = dict(cfg or {})
+    mask = MaskSettings(**{k: float(cfg[k]) for k in ("high", "low", "hole_area", "min_area") if k in cfg})
+    return VectorSettings(**{k: float(cfg[k]) for k in ("snap", "min_probability") if k in cfg}, mask=mask)
 
 
 def centrelines_from_raster(
@@ -208,49 +352,122 @@ def centrelines_from_raster(
     simplify: float | None = None,
     probability: str | Path | None = None,
     probability_scale: float = 250.0,
+    settings: VectorSettings | None = None,
+    scene: str | None = None,
 ) -> int:
-    """Write road centrelines of every class as a GeoPackage of LineStrings.
+    """Write the road graph of every class as a GeoPackage: ``centrelines`` (lines) and ``nodes`` (points).
 
-    Attributes: ``class_value``, ``class_name``, ``length_m`` and, with a ``probability``
-    raster (road probability times ``probability_scale``), ``mean_probability`` and
-    ``min_probability`` (0-1) sampled every cell along the line. The layer's QGIS style
-    is stored in the GeoPackage as its default. Side branches shorter than
-    ``min_length`` (metres) and networks shorter than it are dropped; dead ends are
-    joined across gaps up to ``bridge`` metres (0: never).
+    Line attributes: ``class_value``, ``class_name``, ``length_m``, ``direction_deg``
+    (mean direction, clockwise from grid north, 0-180), ``from_node``/``to_node`` and,
+    with a ``probability`` raster (road probability times ``probability_scale``),
+    ``mean_probability`` and ``min_probability`` (0-1) sampled every cell along the line.
+    Nodes: ``node_id`` and ``degree``. The layer's QGIS style is stored in the GeoPackage
+    as its default. ``min_length`` and ``bridge`` (metres) override ``settings``. A
+    prediction that looks like noise gives a warning naming ``scene``.
     """
+    vs = settings or VectorSettings()
+    vs = VectorSettings(min_length=min_length, bridge=bridge, snap=vs.snap, min_probability=vs.min_probability,
+                        simplify=simplify if simplify is not None else vs.simplify, mask=vs.mask)
     classes = complete_classes(classes)
+    scene = scene or str(classified)
     records = []
-    with rasterio.open(classified) as src:
+    stats = MaskStats()
+    mesh_m, mesh_loops = 0.0, 0
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(rasterio.open(classified))
+        prob_src = stack.enter_context(rasterio.open(probability)) if probability is not None else None
         transform, crs = src.transform, src.crs
         cell = abs(transform.a)
         cell_m = cell_size_metres(crs, cell)
-        min_px, bridge_px = min_length / cell_m, bridge / cell_m
+        min_px, bridge_px, snap_px = vs.min_length / cell_m, vs.bridge / cell_m, vs.snap / cell_m
+        single = len(classes) == 1
         for c in classes:
             value, name = c["value"], c["name"]
 
-            def reader(window: Window, value: int = value) -> np.ndarray:
-                return src.read(1, window=window) == value
+            def reader(window: Window, core: tuple[slice, slice], value: int = value) -> np.ndarray:
+                cls = src.read(1, window=window)
+                in_class = cls == value
+                if prob_src is None:
+                    weak = strong = in_class
+                else:
+                    p = prob_src.read(1, window=window).astype(np.float32)
+                    nodata = prob_src.nodata
+                    bad = (cls == IGNORE_VALUE) | ~np.isfinite(p) | ((p == nodata) if nodata is not None and np.isfinite(nodata) else False)
+                    p = np.where(bad, 0.0, p / probability_scale)
+                    weak = (p >= vs.mask.low) if single else in_class
+                    strong = weak & (p >= vs.mask.high) if single else in_class & (p >= vs.mask.high)
+                cut = (window.row_off > 0, window.row_off + window.height < src.height, window.col_off > 0, window.col_off + window.width < src.width)
+                mask, st = clean_mask(weak, strong, vs.mask, cell_m, core, cut)
+                stats.add(st)
+                return mask
 
-            lines = trace_lines(reader, src.height, src.width)
-            if bridge_px > 0:  # spurs first, or their tips would be bridged; the last pass nodes the joins
-                lines = bridge_gaps(clean_network(lines, spur=min_px, min_length=0), bridge_px)
-            for line in clean_network(lines, spur=min_px, min_length=min_px):
+            seen_before = stats.kept + stats.filled
+            lines = clean_network(trace_lines(reader, src.height, src.width, block=BLOCK), spur=min_px, min_length=0)
+            # Mean road width (mask area per pixel of centreline): a junction of wide roads is a cluster
+            # about that big, and a skeleton stops about half a width short of the mask's end on
+            # each side of a gap, so the gap between skeleton ends is the mask's gap plus a width.
+            width_px = (stats.kept + stats.filled - seen_before) / max(sum(ln.length for ln in lines), 1.0)
+            snap_class = max(snap_px, min(width_px, 3 * snap_px))
+            lines = snap_junctions(lines, snap_class)
+            if bridge_px > 0 and lines:  # spurs first, or their tips would be bridged; the last pass nodes the joins
+                lines = bridge_gaps(clean_network(lines, spur=min_px, min_length=0), bridge_px + min(width_px, bridge_px))
+                lines = snap_junctions(clean_network(lines, spur=min_px, min_length=0), snap_class)  # joins landing beside a junction
+            lines = clean_network(lines, spur=min_px, min_length=min_px)
+            lines, mesh_px, loops = drop_meshes(lines, MESH_LOOP_LENGTH / cell_m)
+            mesh_m += mesh_px * cell_m
+            mesh_loops += loops
+            for line in lines:
                 geo = shapely.transform(line, lambda xy: np.stack(transform * (xy[:, 0], xy[:, 1]), 1))
-                records.append({"class_value": value, "class_name": name, "geometry": geo.simplify(simplify if simplify is not None else cell)})
+                records.append({"class_value": value, "class_name": name, "geometry": geo.simplify(vs.simplify if vs.simplify is not None else cell)})
     gdf = gpd.GeoDataFrame(records, geometry="geometry", crs=crs) if records else gpd.GeoDataFrame({"class_value": [], "class_name": []}, geometry=[], crs=crs)
     metric = gdf.to_crs(gdf.estimate_utm_crs()) if (crs is not None and crs.is_geographic and len(gdf)) else gdf
     gdf["length_m"] = metric.length.to_numpy() * (1.0 if crs is None or crs.is_geographic else float(crs.linear_units_factor[1]))
     if probability is not None:
         gdf["mean_probability"], gdf["min_probability"] = line_probabilities(gdf.geometry, probability, probability_scale, step=cell)
+        if vs.min_probability > 0 and len(gdf):  # whole networks of faint, doubtful road go
+            keep = np.ones(len(gdf), bool)
+            geoms = list(gdf.geometry)
+            for comp in components(geoms):
+                lengths = gdf["length_m"].to_numpy()[comp]
+                means = np.nan_to_num(gdf["mean_probability"].to_numpy()[comp])
+                if lengths.sum() and (means * lengths).sum() / lengths.sum() < vs.min_probability:
+                    keep[comp] = False
+            if not keep.all():
+                log.info("%s: %d line(s) in networks with mean road probability below %.2f dropped", scene, int((~keep).sum()), vs.min_probability)
+                gdf = gdf[keep].reset_index(drop=True)
+    gdf["direction_deg"] = [axial_direction(g) for g in gdf.geometry] if len(gdf) else []
+    nodes = node_table(gdf)
+    warning = noise_warning(stats, float(gdf["length_m"].sum()) + mesh_m, cell_m, mesh_m, mesh_loops)
+    if warning:
+        log.warning("%s: the prediction looks like noise, not roads: %s (%d line(s) kept). The model is likely not suited to this imagery "
+                    "(cell size, sensor, season, region): check the probability raster, or classify with a model trained on such imagery", scene, warning, len(gdf))
     with atomic_path(out_path) as tmp:
         pyogrio.write_dataframe(gdf, tmp, layer="centrelines", driver="GPKG", geometry_type="LineString")
+        pyogrio.write_dataframe(nodes, tmp, layer="nodes", driver="GPKG", geometry_type="Point", append=True)
         if pyogrio.read_info(tmp, layer="centrelines")["features"] != len(gdf):
             raise OSError(f"{tmp}: the GeoPackage does not hold the {len(gdf)} line(s) written")
         add_gpkg_style(tmp, "centrelines", centreline_qml(classes))
-    log.info("%s: %d centreline(s), %.0f m in all", out_path, len(gdf), float(gdf["length_m"].sum()))
+    log.info("%s: %d centreline(s), %.0f m in all, %d node(s)", out_path, len(gdf), float(gdf["length_m"].sum()), len(nodes))
     return len(gdf)
 
 
+def node_table(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Give each line ``from_node``/``to_node`` ids (shared where lines meet); return the nodes with their degree."""
+    ids: dict[tuple[float, float], int] = {}
+    degree: dict[int, int] = {}
+    ends = []
+    for line in gdf.geometry:
+        pair = []
+        for xy in (line.coords[0], line.coords[-1]):
+            key = (round(xy[0], 6), round(xy[1], 6))
+            node = ids.setdefault(key, len(ids) + 1)
+            degree[node] = degree.get(node, 0) + 1
+            pair.append(node)
+        ends.append(pair)
+    gdf["from_node"] = [a for a, _ in ends] if ends else np.zeros(0, np.int64)
+    gdf["to_node"] = [b for _, b in ends] if ends else np.zeros(0, np.int64)
+    return gpd.GeoDataFrame({"node_id": list(ids.values()), "degree": [degree[i] for i in ids.values()]},
+                            geometry=[shapely.Point(k) for k in ids], crs=gdf.crs)
 
 
 def line_probabilities(lines: gpd.GeoSeries, probability: str | Path, scale: float, *, step: float) -> tuple[np.ndarray, np.ndarray]:

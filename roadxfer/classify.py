@@ -23,6 +23,8 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 import torch
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from . import IGNORE_VALUE
@@ -30,12 +32,14 @@ from .atomic import atomic_path, check_room, scratch_dir
 from .errors import InputError
 from .package import Package, load_package
 from .radiometry import Radiometry
-from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, check_written, image_info, read_window
+from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, check_written, image_info, read_window, resampled_grid, warped
 from .styles import classes_qml, colour_table, complete_classes, probability_qml, raster_tags, rat_aux_xml
 from .raster import tile_starts as starts
 from .train import amp_dtype, pick_device, set_threads
 
 log = logging.getLogger(__name__)
+
+RESAMPLE_TOLERANCE = 0.1  # resample: auto classifies on the model's grid when cell sizes differ by more than this
 
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
 """Maps a batch of tiles (B, bands, T, T), float 0-1, to class probabilities (B, K, T, T)."""
@@ -52,7 +56,9 @@ class ClassifySettings:
     probability_dtype: str = "uint8"  # uint8 (0-250 = 0-1, 255 nodata) | float32
     min_line_length: float = 5.0  # metres: shorter side branches and networks are dropped
     bridge_gaps: float = 10.0  # metres: dead ends are joined across gaps up to this long
-    cell_size_tolerance: float = 2.0  # warn when scene and model cell sizes differ by more than this factor
+    cell_size_tolerance: float = 2.0  # resample off: warn when scene and model cell sizes differ by more than this factor
+    resample: str = "auto"  # auto: on the model's grid when cell sizes differ by > 10% | always | off
+    centrelines: dict[str, Any] | None = None  # road graph settings (classify.centrelines in the config)
     device: str | None = None
     bands: tuple[int, ...] | None = None  # 1-based image bands; default: the model's training bands, else all but alpha
     rescale: dict[str, Any] | None = None  # image.rescale settings; default: the model's own (recorded in its package)
@@ -139,6 +145,44 @@ def stitch(
             valid[keep:] = False
 
 
+def resampled_strips(
+    src: rasterio.DatasetReader,
+    info: ImageInfo,
+    grid: tuple[rasterio.Affine, int, int],
+    predict: PredictFn,
+    n_out: int,
+    scratch: Path,
+    *,
+    rows: int = 256,
+    **geometry: Any,
+) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+    """As :func:`stitch`, but the model sees the scene on ``grid`` (its own cell size).
+
+    The scene is read through a WarpedVRT (average when coarsening, bilinear when
+    refining), the blended class probabilities go to a scratch raster on the model's grid
+    (uint8, 0-250), and that is read back warped onto the scene's grid (bilinear) in
+    strips of ``rows``: no full-scene array at either cell size.
+    """
+    transform, width, height = grid
+    coarsen = abs(transform.a) > info.cell_size
+    vrt, minfo = warped(src, info, transform, width, height, Resampling.average if coarsen else Resampling.bilinear)
+    profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": n_out, "dtype": "uint8", "nodata": IGNORE_VALUE, "crs": info.crs, "transform": transform}
+    with vrt, rasterio.open(scratch, "w", **profile) as dst:
+        for y, probs, valid in stitch(vrt, minfo, predict, n_out, **geometry):
+            p = torch.round(probs * 250).to(torch.uint8).cpu().numpy()
+            p[:, ~valid] = IGNORE_VALUE
+            dst.write(p, window=Window(0, y, width, p.shape[1]))
+    device = geometry["device"]
+    with rasterio.open(scratch) as model_grid, WarpedVRT(model_grid, crs=info.crs, transform=info.transform, width=info.width, height=info.height,
+                                                         resampling=Resampling.bilinear, nodata=IGNORE_VALUE) as back:
+        for y in range(0, info.height, rows):
+            win = Window(0, y, info.width, min(rows, info.height - y))
+            p = back.read(window=win)
+            _, valid = read_window(src, info, win)
+            valid &= p[0] != IGNORE_VALUE
+            yield y, torch.from_numpy(p.astype(np.float32) / 250.0).to(device), valid
+
+
 def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False) -> PredictFn:
     """Softmax class probabilities of the package's model; mixed precision on CUDA; optional TTA."""
     model = pkg.model.to(device).eval()
@@ -202,12 +246,21 @@ def classify_scene(
     overlap = settings.overlap if settings.overlap is not None else tile // 4
     margin = settings.margin if settings.margin is not None else overlap // 4
     model_cell = pkg.emd.get("CellSize")
+    grid = None  # the model's grid over the scene, when the scene is resampled on the fly
+    if settings.resample not in ("auto", "always", "off"):
+        raise InputError(None, f"classify.resample {settings.resample!r} is not auto, always or off", "choose one of them")
     if model_cell:
         scene_cell = cell_size_metres(info.crs, info.cell_size)
         ratio = scene_cell / float(model_cell)
-        if not 1 / settings.cell_size_tolerance <= ratio <= settings.cell_size_tolerance:
-            log.warning("%s has %.3g m cells but the model was trained at %.3g m (x%.2f): results may be poor; resample the scene (gdalwarp -tr) to the model's cell size",
+        if settings.resample == "always" or (settings.resample == "auto" and abs(ratio - 1) > RESAMPLE_TOLERANCE):
+            grid = resampled_grid(info, float(model_cell))
+            log.info("%s: %.3g m cells classified on the model's %.3g m grid (%dx%d px, resampled on the fly); outputs on the scene's grid",
+                     image, scene_cell, model_cell, grid[1], grid[2])
+        elif not 1 / settings.cell_size_tolerance <= ratio <= settings.cell_size_tolerance:
+            log.warning("%s has %.3g m cells but the model was trained at %.3g m (x%.2f): results may be poor; set classify.resample: auto, or resample the scene (gdalwarp -tr)",
                         image, scene_cell, model_cell, ratio)
+    elif settings.resample == "always":
+        log.warning("%s: the model %s records no cell size, so the scene is classified as it is", image, pkg.path.name)
     classes = complete_classes(pkg.classes)
     values = np.array([0] + [c["value"] for c in classes], np.uint8)
     tags = raster_tags(model=pkg.path.name, weights_sha256=pkg.weights_sha256, image=image, threshold=settings.threshold, tta=settings.tta, classes=classes)
@@ -240,8 +293,11 @@ def classify_scene(
                 prob_dst = rasterio.open(prob_tmp, "w", **{**profile, "predictor": 2 if prob_dtype == "uint8" else 3}, dtype=prob_dtype, nodata=prob_nodata)
                 prob_dst.set_band_description(1, "road probability (0-250 = 0-1, 255 nodata)" if prob_dtype == "uint8" else "road probability (0-1, NaN nodata)")
                 prob_dst.update_tags(**tags)
+            geometry = {"tile": tile, "overlap": overlap, "margin": margin, "batch_size": settings.batch_size, "device": device, "progress": progress}
+            strips = (stitch(src, info, predict, n_out, **geometry) if grid is None
+                      else resampled_strips(src, info, grid, predict, n_out, scratch / "model_grid.tif", **geometry))
             try:
-                for y, probs, valid in stitch(src, info, predict, n_out, tile=tile, overlap=overlap, margin=margin, batch_size=settings.batch_size, device=device, progress=progress):
+                for y, probs, valid in strips:
                     road = 1 - probs[0]
                     if settings.threshold is not None and n_out == 2:
                         idx = (road >= settings.threshold).to(torch.uint8)
@@ -280,14 +336,16 @@ def classify_scene(
             for path, text in sidecars.items():  # the attribute table and the QGIS styles, committed with the rasters
                 outputs.enter_context(atomic_path(path)).write_text(text)
             if out_centrelines:
-                from .centrelines import centrelines_from_raster
+                from .centrelines import centrelines_from_raster, vector_settings
 
                 lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=classes,
                                                 min_length=settings.min_line_length, bridge=settings.bridge_gaps,
-                                                probability=prob_tmp if out_probability else None, probability_scale=250.0 if prob_dtype == "uint8" else 1.0)
+                                                probability=prob_tmp if out_probability else None, probability_scale=250.0 if prob_dtype == "uint8" else 1.0,
+                                                scene=Path(image).name, settings=vector_settings(settings.centrelines))
             check_room(Path(out_class).parent)
-    n_tiles = count_tiles(info.height, info.width, tile, overlap)
-    summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": info.width * info.height / seconds / 1e6, "device": str(device), "centrelines": lines}
+    n_tiles = count_tiles(grid[2], grid[1], tile, overlap) if grid else count_tiles(info.height, info.width, tile, overlap)
+    summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": info.width * info.height / seconds / 1e6, "device": str(device), "centrelines": lines,
+               "resampled_to_m": float(model_cell) if grid else None}
     log.info("%s classified in %.1f s (%.2f Mpx/s) on %s", image, seconds, summary["megapixels_per_s"], device)
     return summary
 

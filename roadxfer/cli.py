@@ -2,9 +2,13 @@
 
     python -m roadxfer labels   IMAGE LINES OUTDIR [--buffer 2] [--class-value 1 | --class-field F] [--where SQL]
     python -m roadxfer export   IMAGE LABELDIR OUTDIR [--tile-size 256] [--stride 128] [--keep features] [--label-nodata 255]
-    python -m roadxfer classify IMAGE MODEL OUTDIR [--threshold 0.5] [--tta] [--tile-size N]
+                                [--rescale auto|none|percentile|minmax|fixed] [--percentiles 2,98] [--low L] [--high H]
+    python -m roadxfer classify IMAGE MODEL OUTDIR [--threshold 0.5] [--tta] [--tile-size N] [--rescale ...]
     python -m roadxfer evaluate IMAGE CLASSIFIEDDIR LINES OUT.json [--buffer 2] [--ignore ROW,COL,H,W ...]
 
+Every step takes --bands 3,2,1 (1-based image bands, in order; default every band but
+the alpha). Imagery that is not 8-bit is rescaled to 8 bits (default: 2-98 percentiles
+per band); classify uses the rescale the model was trained with unless --rescale is given.
 MODEL is a roadxfer package folder, its .emd, or the reference tool's model folder, .emd
 or .dlpk. Errors are the workflow's: they name the file and say what to do (exit code 2).
 Progress goes to stderr.
@@ -22,21 +26,48 @@ from pathlib import Path
 from .errors import InputError
 
 
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers") from exc
+
+
+def _bands(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1-based band numbers such as 3,2,1") from exc
+
+
+def _image_kwargs(a: argparse.Namespace) -> dict:
+    return {"allowed_band_counts": None, "allowed_dtypes": None, "bands": a.bands}
+
+
+def _rescale(a: argparse.Namespace) -> dict | None:
+    if a.rescale is None:
+        return None
+    return {"method": a.rescale, "percentiles": a.percentiles, "low": a.low, "high": a.high, "max_clipped": a.max_clipped}
+
+
 def _labels(a: argparse.Namespace) -> dict:
     from .labels import LabelSettings, rasterize_scene
 
     out = Path(a.outdir)
     settings = LabelSettings(buffer_radius=a.buffer, class_field=a.class_field, class_value=a.class_value, orientation_bin_size=a.orientation_bin_size)
-    return rasterize_scene(a.image, a.lines, out / "label.tif", out / "orientation.tif", out / "summary.json", settings, layer=a.layer, where=a.where)
+    return rasterize_scene(a.image, a.lines, out / "label.tif", out / "orientation.tif", out / "summary.json", settings, layer=a.layer, where=a.where,
+                           image_kwargs=_image_kwargs(a))
 
 
 def _export(a: argparse.Namespace) -> dict:
+    from .radiometry import Radiometry
     from .tiles import TileSettings, export_tiles
 
     labels = Path(a.labeldir)
     settings = TileSettings(tile_size=a.tile_size, stride=a.stride, keep=a.keep, label_nodata=a.label_nodata, chip_format=a.chip_format,
                             classes=({"value": 1, "name": a.class_name, "color": [255, 0, 0]},))
-    stats = export_tiles(a.image, labels / "label.tif", labels / "orientation.tif", a.outdir, settings, scene_id=Path(a.image).stem)
+    stats = export_tiles(a.image, labels / "label.tif", labels / "orientation.tif", a.outdir, settings, scene_id=Path(a.image).stem,
+                         image_kwargs=_image_kwargs(a), radiometry=Radiometry.from_config(_rescale(a)))
     return {"tiles": stats["NumTiles"], "folder": str(a.outdir)}
 
 
@@ -44,7 +75,8 @@ def _classify(a: argparse.Namespace) -> dict:
     from .classify import ClassifySettings, classify_scene
 
     out = Path(a.outdir)
-    settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device)
+    settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device,
+                                bands=tuple(a.bands) if a.bands else None, rescale=_rescale(a), resample=a.resample)
     return classify_scene(a.image, a.model, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
                           settings=settings, threads=a.threads)
 
@@ -63,7 +95,7 @@ def _evaluate(a: argparse.Namespace) -> dict:
     lines = folder / "centrelines.gpkg"
     settings = EvalSettings(buffer_radius=a.buffer, road_type_field=a.road_type_field, ignore_windows=a.ignore or ())
     result = evaluate_scene(a.image, folder / "classes.tif", lines if lines.is_file() else None, a.lines, a.out, settings,
-                            scene_id=Path(a.image).stem, model=folder.name, layer=a.layer, where=a.where)
+                            scene_id=Path(a.image).stem, model=folder.name, layer=a.layer, where=a.where, image_kwargs=_image_kwargs(a))
     return {"rows": result["rows"], "apls": result.get("apls")}
 
 
@@ -94,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=None), p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resample", choices=["auto", "always", "off"], default="auto",
+                   help="auto: classify on the model's cell size when the scene's differs by >10%% (outputs on the scene's grid); off: as is")
     p.set_defaults(run=_classify)
 
     p = sub.add_parser("evaluate", help="step 5: pixel metrics and APLS of a classified scene against reference lines")
@@ -102,6 +136,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None), p.add_argument("--where", default=None)
     p.add_argument("--ignore", type=_window, nargs="*", help="windows ROW,COL,HEIGHT,WIDTH left out (e.g. a burned-in logo)")
     p.set_defaults(run=_evaluate)
+
+    for name, p in sub.choices.items():
+        p.add_argument("--bands", type=_bands, default=None, help="1-based image bands to use, in order, e.g. 3,2,1 (default: every band but the alpha)")
+        if name in ("export", "classify"):
+            p.add_argument("--rescale", choices=["auto", "none", "percentile", "minmax", "fixed"], default="auto" if name == "export" else None,
+                           help="rescale to 8 bits (export default auto: none for 8-bit imagery, else percentiles; classify default: the model's own)")
+            p.add_argument("--percentiles", type=_numbers, default=[2.0, 98.0], help="with percentile: LOW,HIGH (default 2,98)")
+            p.add_argument("--low", type=_numbers, default=None, help="with fixed: raw values mapped to 0 (one, or one per band)")
+            p.add_argument("--high", type=_numbers, default=None, help="with fixed: raw values mapped to 255")
+            p.add_argument("--max-clipped", type=float, default=0.5, help="refuse a rescale clipping more than this share of pixels (default 0.5)")
     return ap
 
 

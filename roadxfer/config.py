@@ -79,6 +79,10 @@ def _check_image(image: Mapping[str, Any], source: str) -> None:
 
 def _check_classify_geometry(config: Mapping[str, Any], source: str) -> None:
     cls = config.get("classify", {})
+    lines = cls.get("centrelines") or {}
+    if lines.get("low", 0.3) > lines.get("high", 0.5):
+        raise InputError(source, f"classify.centrelines.low {lines.get('low')} is above high {lines.get('high', 0.5)}: seeds could not grow",
+                         "set low at or below high (e.g. low 0.3, high 0.5)")
     tile = cls.get("tile_size") or config.get("tiles", {}).get("tile_size", 256)
     overlap = cls.get("overlap")
     overlap = tile // 4 if overlap is None else overlap

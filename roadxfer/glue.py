@@ -65,6 +65,7 @@ def tile_settings(tiles_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]
         classes=tuple(dict(c) for c in classes),
         orientation_bin_size=bin_size,
         label_nodata=int(tiles_cfg.get("label_nodata", 255)),
+        cell_size=tiles_cfg.get("cell_size"),
     )
 
 
@@ -72,6 +73,6 @@ def classify_settings(cfg: Mapping[str, Any], image_cfg: Mapping[str, Any] | Non
     """Classification settings; the bands come from ``image.bands`` (the rescale from the model's package)."""
     from .classify import ClassifySettings
 
-    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length", "bridge_gaps")
+    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length", "bridge_gaps", "resample", "cell_size_tolerance", "centrelines")
     bands = (image_cfg or {}).get("bands")
     return ClassifySettings(**{k: cfg[k] for k in keys if k in cfg}, bands=tuple(bands) if bands else None)

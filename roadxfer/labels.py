@@ -31,7 +31,7 @@ from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .errors import InputError
 from .orientation import angle_bin
-from .raster import GTIFF_PROFILE, ImageInfo, block_windows, check_written, image_info, read_window
+from .raster import GTIFF_PROFILE, block_windows, check_written, image_info, read_window
 from .vectors import LINE_TYPES, class_values, read_vectors
 
 log = logging.getLogger(__name__)

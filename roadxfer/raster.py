@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from .errors import InputError
@@ -156,15 +157,37 @@ def read_window(src: rasterio.DatasetReader, info: ImageInfo, window: Window) ->
     return data, valid
 
 
-def read_boundless(src: rasterio.DatasetReader, indexes: int | list[int], window: Window, fill: int) -> np.ndarray:
+def read_boundless(src: rasterio.DatasetReader | WarpedVRT, indexes: int | list[int], window: Window, fill: int) -> np.ndarray:
     """Read ``window``, padding with ``fill`` where it overhangs the raster.
 
-    rasterio's ``boundless=True`` goes through a warped VRT and is several times slower,
-    so it is used only for windows that actually overhang.
+    The part inside the raster is read and padded here: rasterio's ``boundless=True``
+    goes through a warped VRT (several times slower) and a WarpedVRT refuses it.
     """
-    if window.col_off >= 0 and window.row_off >= 0 and window.col_off + window.width <= src.width and window.row_off + window.height <= src.height:
+    r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+    if c0 >= 0 and r0 >= 0 and c0 + w <= src.width and r0 + h <= src.height:
         return src.read(indexes, window=window)
-    return src.read(indexes, window=window, boundless=True, fill_value=fill)
+    shape = (h, w) if isinstance(indexes, int) else (len(indexes), h, w)
+    out = np.full(shape, fill, dtype=src.dtypes[(indexes if isinstance(indexes, int) else indexes[0]) - 1])
+    ir0, ic0 = max(r0, 0), max(c0, 0)
+    ir1, ic1 = min(r0 + h, src.height), min(c0 + w, src.width)
+    if ir1 > ir0 and ic1 > ic0:
+        out[..., ir0 - r0 : ir1 - r0, ic0 - c0 : ic1 - c0] = src.read(indexes, window=Window(ic0, ir0, ic1 - ic0, ir1 - ir0))
+    return out
+
+
+def resampled_grid(info: ImageInfo, cell_metres: float) -> tuple[rasterio.Affine, int, int]:
+    """A grid over the scene's extent with square cells of ``cell_metres`` (in the scene's CRS)."""
+    cell = cell_metres / cell_size_metres(info.crs, 1.0)
+    x_extent, y_extent = info.width * abs(info.transform.a), info.height * abs(info.transform.e)
+    width, height = max(1, int(np.ceil(x_extent / cell - 1e-6))), max(1, int(np.ceil(y_extent / cell - 1e-6)))
+    return rasterio.Affine(cell, 0, info.transform.c, 0, -cell, info.transform.f), width, height
+
+
+def warped(src: rasterio.DatasetReader, info: ImageInfo, transform: rasterio.Affine, width: int, height: int,
+           resampling: Resampling) -> tuple[WarpedVRT, ImageInfo]:
+    """``src`` seen on another grid of the same CRS (read on the fly, window by window), and its info there."""
+    vrt = WarpedVRT(src, crs=info.crs, transform=transform, width=width, height=height, resampling=resampling)
+    return vrt, replace(info, width=width, height=height, transform=transform)
 
 
 def _inside_mask(window: Window, width: int, height: int) -> np.ndarray:

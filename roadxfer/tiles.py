@@ -12,6 +12,7 @@ on the scene size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.enums import Resampling
 from rasterio.io import MemoryFile
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
@@ -31,7 +33,7 @@ from .atomic import atomic_path
 from .errors import InputError
 from .orientation import rotate_bins
 from .radiometry import Radiometry
-from .raster import cell_size_metres, image_info, read_boundless, read_window, tile_starts
+from .raster import cell_size_metres, image_info, read_boundless, read_window, resampled_grid, tile_starts, warped
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class TileSettings:
     # training; the reference tool's trainer takes every non-zero label for road, so an
     # export meant for it writes 0 (background) there instead.
     label_nodata: int = IGNORE_VALUE
+    # Cell size of the chips in metres (the reference export tool's cell size); None: the scene's.
+    # The scene is resampled on the fly (average when coarsening, bilinear when refining; labels nearest).
+    cell_size: float | None = None
 
 
 def tile_windows(width: int, height: int, tile: int, stride: int) -> Iterator[Window]:
@@ -148,7 +153,17 @@ def export_tiles(
     with atomic_path(out_dir, directory=True) as tmp:
         for sub in ("images", "labels", "orientation"):
             (tmp / sub).mkdir()
-        with rasterio.open(image) as src, rasterio.open(label) as lab, rasterio.open(orientation) as ori:
+        with contextlib.ExitStack() as stack:
+            src, lab, ori = (stack.enter_context(rasterio.open(p)) for p in (image, label, orientation))
+            if settings.cell_size:
+                scene_cell = cell_size_metres(info.crs, info.cell_size)
+                transform, width, height = resampled_grid(info, settings.cell_size)
+                src, info = warped(src, info, transform, width, height, Resampling.average if settings.cell_size > scene_cell else Resampling.bilinear)
+                lab, _ = warped(lab, info, transform, width, height, Resampling.nearest)
+                ori, _ = warped(ori, info, transform, width, height, Resampling.nearest)
+                for ds in (src, lab, ori):
+                    stack.enter_context(ds)
+                log.info("%s: %.3g m cells resampled to %.3g m for the tiles (%dx%d px)", image, scene_cell, settings.cell_size, width, height)
             for window in tile_windows(info.width, info.height, tile, settings.stride):
                 img, valid = read_window(src, info, window)
                 if 1 - valid.mean() > settings.max_nodata_fraction:

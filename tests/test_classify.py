@@ -8,6 +8,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 import shapely
 import torch
 import torch.nn.functional as F
@@ -16,11 +17,11 @@ from shapely.geometry import LineString
 
 from roadxfer import IGNORE_VALUE
 from roadxfer import centrelines as cl
-from roadxfer.classify import ClassifySettings, classify_scene, edge_weights, starts, stitch
+from roadxfer.classify import ClassifySettings, classify_scene, edge_weights, resampled_strips, starts, stitch
 from roadxfer.errors import InputError
 from roadxfer.model import ModelSpec, MultiTaskRoadModel
 from roadxfer.package import build_emd, write_package
-from roadxfer.raster import image_info
+from roadxfer.raster import image_info, resampled_grid
 
 KERNEL = torch.arange(1, 26, dtype=torch.float32).view(1, 1, 5, 5) / 325.0  # asymmetric: catches flips/shifts
 
@@ -180,10 +181,62 @@ def test_band_and_dtype_mismatch(tmp_path, package, kw, settings, pattern):
     assert not (tmp_path / "c.tif").exists()
 
 
-def test_cell_size_mismatch_warns(tmp_path, package, caplog):
+def test_cell_size_mismatch_warns_with_resampling_off(tmp_path, package, caplog):
     image = make_raster(tmp_path / "img.tif", size=(64, 64), cell=2.0)
-    classify_scene(image, package, tmp_path / "c.tif")
-    assert "the model was trained at 0.5 m" in caplog.text
+    summary = classify_scene(image, package, tmp_path / "c.tif", settings=ClassifySettings(resample="off"))
+    assert "the model was trained at 0.5 m" in caplog.text and summary["resampled_to_m"] is None
+
+
+def _smooth_image(path: Path, size: tuple[int, int], cell: float) -> Path:
+    """Low-frequency content (periods of 24-40 m), so that resampling it loses little."""
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]] * cell
+    data = np.stack([128 + 100 * np.sin(xx / 6.0 + k) * np.cos(yy / 4.0 - k) for k in range(3)]).astype(np.uint8)
+    return make_raster(path, size=size, cell=cell, data=data)
+
+
+def test_resampling_to_the_same_grid_changes_nothing(tmp_path):
+    """The model-grid path with the scene's own grid gives the direct result (no half-pixel shift), up to the 1/250 quantisation."""
+    image = _smooth_image(tmp_path / "img.tif", (90, 110), 0.5)
+    info = image_info(image)
+    geometry = {"tile": 32, "overlap": 8, "margin": 2, "batch_size": 4, "device": torch.device("cpu")}
+    with rasterio.open(image) as src:
+        direct = np.concatenate([p.numpy() for _, p, _ in stitch(src, info, conv_model, 4, **geometry)], 1)
+        strips = list(resampled_strips(src, info, (info.transform, info.width, info.height), conv_model, 4, tmp_path / "grid.tif", rows=40, **geometry))
+    assert [y for y, _, _ in strips] == [0, 40, 80] and all(v.all() for _, _, v in strips)
+    via = np.concatenate([p.numpy() for _, p, _ in strips], 1)
+    assert via.shape == direct.shape
+    assert np.abs(via - direct).max() <= 0.5 / 250 + 1e-6
+
+
+def test_a_coarse_scene_is_classified_on_the_model_grid_and_written_on_its_own(tmp_path, package):
+    """A 1 m scene with a 0.5 m model: classified on a grid twice as fine, outputs on the scene's grid."""
+    image = _smooth_image(tmp_path / "img.tif", (60, 70), 1.0)
+    info = image_info(image)
+    grid = resampled_grid(info, 0.5)
+    assert (grid[1], grid[2], grid[0].a) == (140, 120, 0.5) and (grid[0].c, grid[0].f) == (info.transform.c, info.transform.f)
+    geometry = {"tile": 32, "overlap": 8, "margin": 2, "batch_size": 4, "device": torch.device("cpu")}
+    with rasterio.open(image) as src:
+        direct = np.concatenate([p.numpy() for _, p, _ in stitch(src, info, conv_model, 4, **geometry)], 1)
+        via = np.concatenate([p.numpy() for _, p, _ in resampled_strips(src, info, grid, conv_model, 4, tmp_path / "grid.tif", **geometry)], 1)
+    assert via.shape == direct.shape
+    # Expected: the model run on the scene warped to 0.5 m (bilinear), then averaged back to 1 m cells.
+    fine = tmp_path / "fine.tif"
+    with rasterio.open(image) as src:
+        data = np.zeros((3, 120, 140), np.uint8)
+        rasterio.warp.reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=grid[0], dst_crs=src.crs,
+                                resampling=rasterio.enums.Resampling.bilinear)
+    make_raster(fine, size=(120, 140), cell=0.5, data=data)
+    with rasterio.open(fine) as src:
+        on_fine = np.concatenate([p.numpy() for _, p, _ in stitch(src, image_info(fine), conv_model, 4, **geometry)], 1)
+    expected = on_fine.reshape(4, 60, 2, 70, 2).mean((2, 4))
+    inner = (slice(None), slice(3, -3), slice(3, -3))
+    assert np.abs(via - expected)[inner].mean() < 0.004 < np.abs(direct - expected)[inner].mean()  # not simply the 1 m result
+    out = tmp_path / "out"
+    summary = classify_scene(image, package, out / "c.tif", out_probability=out / "p.tif", settings=ClassifySettings())
+    assert summary["resampled_to_m"] == 0.5 and summary["tiles"] == len(starts(120, 64, 48)) * len(starts(140, 64, 48))
+    with rasterio.open(image) as src, rasterio.open(out / "c.tif") as c, rasterio.open(out / "p.tif") as p:
+        assert (c.transform, c.shape) == (src.transform, src.shape) == (p.transform, p.shape)
+        assert (p.read(1) != IGNORE_VALUE).all()
 
 
 def _mask_raster(path: Path, mask: np.ndarray, cell: float = 1.0) -> Path:

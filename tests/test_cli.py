@@ -57,3 +57,25 @@ def test_errors_name_the_file_and_exit_2(tmp_path):
     assert not (tmp_path / "lab" / "label.tif").exists()
     out = cli("classify", "s.tif", "missing-model", "out", cwd=tmp_path)
     assert out.returncode == 2 and "missing-model: model package does not exist" in out.stderr
+
+
+def test_a_16_bit_4_band_scene_with_band_selection(tmp_path):
+    """An 11-bit RGB+NIR product: bands chosen and rescaled on the command line, classified by a 3-band model."""
+    from test_radiometry import satellite_scene
+
+    image, labels = satellite_scene(tmp_path, "4band")
+    steps = [
+        ("labels", image.name, labels.name, "lab", "--bands", "3,2,1"),
+        ("export", image.name, "lab", "tiles", "--tile-size", "128", "--bands", "3,2,1", "--rescale", "minmax"),
+        ("classify", image.name, str(MODEL), "out", "--bands", "3,2,1"),
+    ]
+    for step in steps:
+        done = cli(*step, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((tmp_path / "tiles" / "esri_accumulated_stats.json").read_text())
+    assert stats["NumBands"] == 3 and stats["roadxfer"]["SourceBands"] == [3, 2, 1]
+    assert stats["roadxfer"]["Radiometry"]["stretch"]["method"] == "minmax"
+    with rasterio.open(tmp_path / "out" / "classes.tif") as c:
+        assert c.tags()["ROADXFER_BANDS"] == "3,2,1" and json.loads(c.tags()["ROADXFER_RESCALE"])["method"] == "percentile"  # the reference model's auto
+    out = cli("classify", image.name, str(MODEL), "out2", cwd=tmp_path)  # 4 bands for a 3-band model
+    assert out.returncode == 2 and "has 4 image band(s)" in out.stderr and "takes 3 band(s)" in out.stderr

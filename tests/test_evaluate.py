@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import rasterio
 from conftest import X0, Y0, make_raster, make_vectors
 from shapely.geometry import LineString
 

@@ -7,7 +7,6 @@ was never interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os

@@ -6,7 +6,6 @@ Skipped, with the reason, where SLURM cannot be started (not root, packages abse
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections import Counter

@@ -154,3 +154,25 @@ def test_bad_tile_size(tmp):
     image, label, orient = scene(tmp)
     with pytest.raises(InputError, match="multiple of 32"):
         export_tiles(image, label, orient, tmp / "t", TileSettings(tile_size=100, stride=50))
+
+
+@pytest.mark.parametrize("cell", [1.0, 0.25])
+def test_tiles_at_a_chosen_cell_size(tmp, cell):
+    """tiles.cell_size resamples the scene on the fly: chips at that cell size, label still on the road."""
+    data = np.full((3, 300, 300), 40, np.uint8)
+    data[:, 76:85, :] = 220  # a bright road 4.5 m wide at y = Y0 - 38 .. -42.5 (0.5 m cells), under the label of rows 76-84
+    image, label, orient = scene(tmp, data=data)
+    stats = export_tiles(image, label, orient, tmp / "t", TileSettings(tile_size=64, stride=64, cell_size=cell))
+    ds = read_dataset(tmp / "t")
+    assert ds.cell_size == pytest.approx(cell) and stats["roadxfer"]["CellSizeMetres"] == pytest.approx(cell)
+    agree = total = 0
+    for img_p, lbl_p in zip(ds.images, ds.labels):
+        with rasterio.open(img_p) as i, rasterio.open(lbl_p) as lab:
+            assert i.transform.a == pytest.approx(cell) and (i.transform, i.crs) == (lab.transform, lab.crs)
+            bright, road = i.read(1) > 130, lab.read(1) == 1
+            agree += int((bright == road).sum())
+            total += bright.size
+    assert agree / total > 0.97  # labels and image resampled onto the same grid
+    n_rows = 150 / cell  # the scene's 150 m at the new cell size
+    with rasterio.open(ds.images[-1]) as last:
+        assert last.bounds.bottom == pytest.approx(Y0 - n_rows * cell) or last.bounds.right == pytest.approx(X0 + n_rows * cell)
