@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,25 +97,38 @@ def stitch(
     batch_size: int,
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
+    core: Window | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
-    """Yield ``(row offset, blended probabilities (K, h, W) on device, valid mask (h, W))`` strip by strip."""
+    """Yield ``(row offset, blended probabilities (K, h, w) on device, valid mask (h, w))`` strip by strip.
+
+    With ``core`` (a window of the scene) only the tiles of the scene's tile grid that
+    touch it are run and only its pixels are yielded (row offsets in the scene, columns
+    from the core's left edge): every pixel gets the same tiles, with the same weights,
+    added in the same order as without ``core``, so a scene classified in shards equals
+    the scene classified at once (up to the model's batch-size rounding, ~1e-7).
+    """
     check_geometry(tile, overlap, margin)
     H, W = info.height, info.width
     stride = tile - overlap
-    rows, cols = starts(H, tile, stride), starts(W, tile, stride)
-    Wp = max(W, tile)
+    all_rows, all_cols = starts(H, tile, stride), starts(W, tile, stride)
+    r0, r1, c0, c1 = (0, H, 0, W) if core is None else (int(core.row_off), int(core.row_off + core.height), int(core.col_off), int(core.col_off + core.width))
+    first = next(i for i, y in enumerate(all_rows) if y + tile > r0)
+    rows = [y for y in all_rows[first:] if y < r1]
+    cols = [c for c in all_cols if c < c1 and c + tile > c0]
+    x0 = cols[0]
+    Wp = max(cols[-1] + tile - x0, tile)
     num = torch.zeros((n_out, tile, Wp), dtype=torch.float32, device=device)
     den = torch.zeros((tile, Wp), dtype=torch.float32, device=device)
     valid = np.zeros((tile, Wp), bool)
     weight_cache: dict[tuple[bool, bool, bool, bool], torch.Tensor] = {}
     total, done = len(rows) * len(cols), 0
     for ri, y in enumerate(rows):
-        strip, strip_valid = read_window(src, info, Window(0, y, Wp, tile))
+        strip, strip_valid = read_window(src, info, Window(x0, y, Wp, tile))
         valid |= strip_valid
         top, bottom = y > 0, y + tile < H
         for b0 in range(0, len(cols), batch_size):
             batch_cols = cols[b0 : b0 + batch_size]
-            batch = np.stack([strip[:, :, c : c + tile] for c in batch_cols])
+            batch = np.stack([strip[:, :, c - x0 : c - x0 + tile] for c in batch_cols])
             x = torch.from_numpy(batch).to(device, non_blocking=True).float().div_(255.0)
             probs = predict(x)
             for k, c in enumerate(batch_cols):
@@ -125,15 +138,17 @@ def stitch(
                     wx = edge_weights(tile, overlap, margin, key[2], key[3])
                     weight_cache[key] = torch.from_numpy(np.outer(wy, wx)).float().to(device)
                 wt = weight_cache[key]
-                num[:, :, c : c + tile] += probs[k].float() * wt
-                den[:, c : c + tile] += wt
+                num[:, :, c - x0 : c - x0 + tile] += probs[k].float() * wt
+                den[:, c - x0 : c - x0 + tile] += wt
             done += len(batch_cols)
             if progress:
                 progress(done, total)
-        final_end = rows[ri + 1] if ri + 1 < len(rows) else H
-        h = min(final_end - y, H - y)
-        out = num[:, :h, :W] / den[:h, :W].clamp_min(1e-12)
-        yield y, out, valid[:h, :W] & (den[:h, :W] > 0).cpu().numpy()
+        gi = first + ri  # rows up to the next tile row of the whole grid are finished
+        final_end = all_rows[gi + 1] if gi + 1 < len(all_rows) else H
+        lo, hi = max(y, r0) - y, min(final_end, r1, H) - y
+        cols_out = slice(c0 - x0, c1 - x0)
+        out = num[:, lo:hi, cols_out] / den[lo:hi, cols_out].clamp_min(1e-12)
+        yield y + lo, out, valid[lo:hi, cols_out] & (den[lo:hi, cols_out] > 0).cpu().numpy()
         if ri + 1 < len(rows):
             shift = final_end - y  # rows of the buffer that are finished
             keep = tile - shift
@@ -143,6 +158,12 @@ def stitch(
             num[:, keep:] = 0
             den[keep:] = 0
             valid[keep:] = False
+
+
+def shard_windows(width: int, height: int, shard_size: int) -> dict[str, Window]:
+    """Disjoint windows of at most ``shard_size`` px covering the scene, named ``r<row>c<col>``."""
+    return {f"r{i}c{j}": Window(c, r, min(shard_size, width - c), min(shard_size, height - r))
+            for i, r in enumerate(range(0, height, shard_size)) for j, c in enumerate(range(0, width, shard_size))}
 
 
 def resampled_strips(
@@ -226,8 +247,14 @@ def classify_scene(
     out_centrelines: str | Path | None = None,
     settings: ClassifySettings = ClassifySettings(),
     threads: int = 1,
+    window: Window | None = None,
 ) -> dict[str, Any]:
-    """Classify one scene; returns a summary (tiles, seconds, megapixels/s)."""
+    """Classify one scene; returns a summary (tiles, seconds, megapixels/s).
+
+    With ``window`` only that part of the scene (a shard) is classified, exactly as it is
+    when the whole scene is (:func:`stitch`); its rasters cover the window and are joined
+    by :func:`merge_shards`.
+    """
     set_threads(threads)
     device = pick_device(settings.device)
     pkg = package if isinstance(package, Package) else load_package(package, device=device)
@@ -261,13 +288,18 @@ def classify_scene(
                         image, scene_cell, model_cell, ratio)
     elif settings.resample == "always":
         log.warning("%s: the model %s records no cell size, so the scene is classified as it is", image, pkg.path.name)
+    if window is not None and grid is not None:
+        raise InputError(image, f"is classified in shards but its cell size differs from the model's ({pkg.emd.get('CellSize')} m): sharding on a resampled grid is not supported",
+                         "resample the scene to the model's cell size first (gdalwarp -tr), set classify.resample: off, or classify.shard_size: null")
+    win = window or Window(0, 0, info.width, info.height)
+    r_off, width, height = int(win.row_off), int(win.width), int(win.height)
     classes = complete_classes(pkg.classes)
     values = np.array([0] + [c["value"] for c in classes], np.uint8)
     tags = raster_tags(model=pkg.path.name, weights_sha256=pkg.weights_sha256, image=image, threshold=settings.threshold, tta=settings.tta, classes=classes)
     tags.update(ROADXFER_BANDS=",".join(map(str, info.bands)), ROADXFER_RESCALE=json.dumps(info.stretch.to_dict()))
     n_out = len(values)
     predict = model_predict_fn(pkg, device, tta=settings.tta)
-    profile = {**GTIFF_PROFILE, "width": info.width, "height": info.height, "count": 1, "crs": info.crs, "transform": info.transform}
+    profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": 1, "crs": info.crs, "transform": rasterio.windows.transform(win, info.transform)}
     t0 = time.perf_counter()
     last = [t0]
 
@@ -282,72 +314,149 @@ def classify_scene(
     with scratch_dir(Path(out_class).parent, "classify") as scratch:
         cls_tmp, prob_tmp = scratch / "class.tif", scratch / "prob.tif"
         prob_dtype = settings.probability_dtype
-        with rasterio.open(image) as src, rasterio.open(cls_tmp, "w", **profile, dtype="uint8", nodata=IGNORE_VALUE) as cls_dst:
-            # Colour table, band description and tags go with the data into the COGs.
-            cls_dst.write_colormap(1, colour_table(classes))
-            cls_dst.set_band_description(1, "road class (" + ", ".join(f"{c['value']} {c['name']}" for c in classes) + f"; 0 background, {IGNORE_VALUE} nodata)")
-            cls_dst.update_tags(**tags)
-            prob_dst = None
-            if out_probability:
-                prob_nodata = IGNORE_VALUE if prob_dtype == "uint8" else np.nan
-                prob_dst = rasterio.open(prob_tmp, "w", **{**profile, "predictor": 2 if prob_dtype == "uint8" else 3}, dtype=prob_dtype, nodata=prob_nodata)
-                prob_dst.set_band_description(1, "road probability (0-250 = 0-1, 255 nodata)" if prob_dtype == "uint8" else "road probability (0-1, NaN nodata)")
-                prob_dst.update_tags(**tags)
+        with rasterio.open(image) as src, open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, prob_dtype) as (cls_dst, prob_dst):
             geometry = {"tile": tile, "overlap": overlap, "margin": margin, "batch_size": settings.batch_size, "device": device, "progress": progress}
-            strips = (stitch(src, info, predict, n_out, **geometry) if grid is None
+            strips = (stitch(src, info, predict, n_out, **geometry, core=window) if grid is None
                       else resampled_strips(src, info, grid, predict, n_out, scratch / "model_grid.tif", **geometry))
-            try:
-                for y, probs, valid in strips:
-                    road = 1 - probs[0]
-                    if settings.threshold is not None and n_out == 2:
-                        idx = (road >= settings.threshold).to(torch.uint8)
-                    else:
-                        idx = probs.argmax(0).to(torch.uint8)
-                    cls = values[idx.cpu().numpy()]
-                    cls[~valid] = IGNORE_VALUE
-                    win = Window(0, y, info.width, cls.shape[0])
-                    cls_dst.write(cls, 1, window=win)
-                    if prob_dst is not None:
-                        p = road.cpu().numpy()
-                        if prob_dtype == "uint8":
-                            p = np.round(p * 250).astype(np.uint8)
-                            p[~valid] = IGNORE_VALUE
-                        else:
-                            p = p.astype(np.float32)
-                            p[~valid] = np.nan
-                        prob_dst.write(p, 1, window=win)
-            finally:
+            for y, probs, valid in strips:
+                road = 1 - probs[0]
+                if settings.threshold is not None and n_out == 2:
+                    idx = (road >= settings.threshold).to(torch.uint8)
+                else:
+                    idx = probs.argmax(0).to(torch.uint8)
+                cls = values[idx.cpu().numpy()]
+                cls[~valid] = IGNORE_VALUE
+                out_win = Window(0, y - r_off, width, cls.shape[0])
+                cls_dst.write(cls, 1, window=out_win)
                 if prob_dst is not None:
-                    prob_dst.close()
+                    p = road.cpu().numpy()
+                    if prob_dtype == "uint8":
+                        p = np.round(p * 250).astype(np.uint8)
+                        p[~valid] = IGNORE_VALUE
+                    else:
+                        p = p.astype(np.float32)
+                        p[~valid] = np.nan
+                    prob_dst.write(p, 1, window=out_win)
         check_room(scratch)
         seconds = time.perf_counter() - t0
-        lines = None
-        # All outputs are written and checked first, then committed together.
-        with contextlib.ExitStack() as outputs:
-            cls_out = outputs.enter_context(atomic_path(out_class))
-            write_cog(cls_tmp, cls_out, categorical=True)
-            check_written(cls_out, info.width, info.height)
-            sidecars = {Path(f"{out_class}.aux.xml"): rat_aux_xml(classes), Path(out_class).with_suffix(".qml"): classes_qml(classes)}
-            if out_probability:
-                prob_out = outputs.enter_context(atomic_path(out_probability))
-                write_cog(prob_tmp, prob_out, categorical=False)
-                check_written(prob_out, info.width, info.height)
-                sidecars[Path(out_probability).with_suffix(".qml")] = probability_qml(prob_dtype)
-            for path, text in sidecars.items():  # the attribute table and the QGIS styles, committed with the rasters
-                outputs.enter_context(atomic_path(path)).write_text(text)
-            if out_centrelines:
-                from .centrelines import centrelines_from_raster, vector_settings
-
-                lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=classes,
-                                                min_length=settings.min_line_length, bridge=settings.bridge_gaps,
-                                                probability=prob_tmp if out_probability else None, probability_scale=250.0 if prob_dtype == "uint8" else 1.0,
-                                                scene=Path(image).name, settings=vector_settings(settings.centrelines))
-            check_room(Path(out_class).parent)
-    n_tiles = count_tiles(grid[2], grid[1], tile, overlap) if grid else count_tiles(info.height, info.width, tile, overlap)
-    summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": info.width * info.height / seconds / 1e6, "device": str(device), "centrelines": lines,
+        lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
+                               classes=classes, settings=settings, scene=Path(image).name, size=(width, height), sidecars=window is None)
+    stride = tile - overlap
+    n_tiles = (count_tiles(grid[2], grid[1], tile, overlap) if grid else
+               sum(1 for y in starts(info.height, tile, stride) if r_off - tile < y < r_off + height) *
+               sum(1 for c in starts(info.width, tile, stride) if int(win.col_off) - tile < c < int(win.col_off) + width))
+    summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": width * height / seconds / 1e6, "device": str(device), "centrelines": lines,
                "resampled_to_m": float(model_cell) if grid else None}
     log.info("%s classified in %.1f s (%.2f Mpx/s) on %s", image, seconds, summary["megapixels_per_s"], device)
     return summary
+
+
+@contextlib.contextmanager
+def open_outputs(cls_path: Path, prob_path: Path | None, profile: dict[str, Any], classes: list[dict[str, Any]], tags: dict[str, str],
+                 prob_dtype: str) -> Iterator[tuple[Any, Any]]:
+    """The scratch class and probability rasters, with the colour table, band descriptions and tags the COGs carry."""
+    with contextlib.ExitStack() as stack:
+        cls_dst = stack.enter_context(rasterio.open(cls_path, "w", **profile, dtype="uint8", nodata=IGNORE_VALUE))
+        cls_dst.write_colormap(1, colour_table(classes))
+        cls_dst.set_band_description(1, "road class (" + ", ".join(f"{c['value']} {c['name']}" for c in classes) + f"; 0 background, {IGNORE_VALUE} nodata)")
+        cls_dst.update_tags(**tags)
+        prob_dst = None
+        if prob_path is not None:
+            prob_nodata = IGNORE_VALUE if prob_dtype == "uint8" else np.nan
+            prob_dst = stack.enter_context(rasterio.open(prob_path, "w", **{**profile, "predictor": 2 if prob_dtype == "uint8" else 3}, dtype=prob_dtype, nodata=prob_nodata))
+            prob_dst.set_band_description(1, "road probability (0-250 = 0-1, 255 nodata)" if prob_dtype == "uint8" else "road probability (0-1, NaN nodata)")
+            prob_dst.update_tags(**tags)
+        yield cls_dst, prob_dst
+
+
+def commit_outputs(cls_tmp: Path, prob_tmp: Path | None, out_class: str | Path, out_probability: str | Path | None, out_centrelines: str | Path | None, *,
+                   classes: list[dict[str, Any]], settings: ClassifySettings, scene: str, size: tuple[int, int], sidecars: bool = True) -> int | None:
+    """Write the COGs, their sidecars and the centrelines from the scratch rasters; all checked first, then committed together."""
+    lines = None
+    with contextlib.ExitStack() as outputs:
+        cls_out = outputs.enter_context(atomic_path(out_class))
+        write_cog(cls_tmp, cls_out, categorical=True)
+        check_written(cls_out, *size)
+        styles = {Path(f"{out_class}.aux.xml"): rat_aux_xml(classes), Path(out_class).with_suffix(".qml"): classes_qml(classes)}
+        if out_probability and prob_tmp is not None:
+            prob_out = outputs.enter_context(atomic_path(out_probability))
+            write_cog(prob_tmp, prob_out, categorical=False)
+            check_written(prob_out, *size)
+            styles[Path(out_probability).with_suffix(".qml")] = probability_qml(settings.probability_dtype)
+        for path, text in (styles.items() if sidecars else ()):  # the attribute table and the QGIS styles, committed with the rasters
+            outputs.enter_context(atomic_path(path)).write_text(text)
+        if out_centrelines:
+            from .centrelines import centrelines_from_raster, vector_settings
+
+            lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=classes,
+                                            min_length=settings.min_line_length, bridge=settings.bridge_gaps,
+                                            probability=prob_tmp, probability_scale=250.0 if settings.probability_dtype == "uint8" else 1.0,
+                                            scene=scene, settings=vector_settings(settings.centrelines))
+        check_room(Path(out_class).parent)
+    return lines
+
+
+def merge_shards(
+    image: str | Path,
+    shards: Sequence[tuple[str | Path, str | Path]],
+    package: str | Path | Package,
+    out_class: str | Path,
+    *,
+    out_probability: str | Path | None = None,
+    out_centrelines: str | Path | None = None,
+    settings: ClassifySettings = ClassifySettings(),
+    rows: int = 1024,
+) -> dict[str, Any]:
+    """Join the (class, probability) rasters of a scene's shards into the scene's outputs.
+
+    Each shard is copied into its place in strips of ``rows`` (memory does not grow with
+    the scene); the shards must tile the scene exactly, without gap or overlap, or nothing
+    is written. Centrelines are traced on the joined rasters, so they cross shard borders
+    without a break or a duplicate.
+    """
+    t0 = time.perf_counter()
+    with rasterio.open(image) as src:
+        width, height, transform, crs = src.width, src.height, src.transform, src.crs
+    covered = np.zeros((height, width), bool) if width * height <= 50_000_000 else None
+    placed = []
+    area = 0
+    for cls_path, prob_path in shards:
+        with rasterio.open(cls_path) as c:
+            if c.crs != crs:
+                raise InputError(cls_path, f"shard CRS {c.crs} is not the scene's {crs}", "classify the shards again")
+            col, row = (~transform) * (c.transform.c, c.transform.f)
+            col, row = int(round(col)), int(round(row))
+            if (c.transform.a, c.transform.e) != (transform.a, transform.e) or not (0 <= col and 0 <= row and col + c.width <= width and row + c.height <= height):
+                raise InputError(cls_path, "shard is not on the scene's grid", "classify the shards again")
+            placed.append((cls_path, prob_path, Window(col, row, c.width, c.height)))
+            area += c.width * c.height
+            if covered is not None:
+                if covered[row : row + c.height, col : col + c.width].any():
+                    raise InputError(cls_path, "shard overlaps another shard", "classify the shards again")
+                covered[row : row + c.height, col : col + c.width] = True
+    if area != width * height or (covered is not None and not covered.all()):
+        raise InputError(image, f"the {len(placed)} shard(s) cover {area} of its {width * height} pixels", "classify the missing shards (a merge never runs on a partial set)")
+    pkg = package if isinstance(package, Package) else load_package(package, device=torch.device("cpu"))
+    classes = complete_classes(pkg.classes)
+    with rasterio.open(placed[0][0]) as first:
+        tags = first.tags()
+    profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": 1, "crs": crs, "transform": transform}
+    with scratch_dir(Path(out_class).parent, "merge") as scratch:
+        cls_tmp, prob_tmp = scratch / "class.tif", scratch / "prob.tif"
+        with open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, settings.probability_dtype) as (cls_dst, prob_dst):
+            for cls_path, prob_path, win in placed:
+                with rasterio.open(cls_path) as c, (rasterio.open(prob_path) if prob_dst is not None else contextlib.nullcontext()) as p:
+                    for r in range(0, int(win.height), rows):
+                        part = Window(0, r, int(win.width), min(rows, int(win.height) - r))
+                        dst_win = Window(win.col_off, win.row_off + r, part.width, part.height)
+                        cls_dst.write(c.read(1, window=part), 1, window=dst_win)
+                        if prob_dst is not None:
+                            prob_dst.write(p.read(1, window=part), 1, window=dst_win)
+        check_room(scratch)
+        lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
+                               classes=classes, settings=settings, scene=Path(image).name, size=(width, height))
+    log.info("%s: %d shard(s) merged in %.1f s", image, len(placed), time.perf_counter() - t0)
+    return {"image": str(image), "shards": len(placed), "seconds": time.perf_counter() - t0, "centrelines": lines}
 
 
 def write_cog(src_path: Path, dst_path: Path, *, categorical: bool) -> None:

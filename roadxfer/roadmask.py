@@ -26,9 +26,9 @@ EIGHT = np.ones((3, 3), bool)
 @dataclass(frozen=True)
 class MaskSettings:
     high: float = 0.5  # P(road) of the seeds
-    low: float = 0.3  # P(road) a seed grows into
+    low: float = 0.4  # P(road) a seed grows into
     hole_area: float = 4.0  # m²: holes smaller than this are filled
-    min_area: float = 10.0  # m²: blobs smaller than this are dropped (a 5 m x 2 m road stub)
+    min_area: float = 4.0  # m²: blobs smaller than this are dropped (specks; road stubs between gaps stay, to be bridged)
 
 
 @dataclass

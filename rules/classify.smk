@@ -1,8 +1,39 @@
-rule classify_scene:
-    """Step 4: classify a whole scene with a model package (COG class raster, probability, centrelines)."""
+rule classify_shard:
+    """Step 4 of a big scene (classify.shard_size): one shard, exactly as the whole scene would classify it."""
     input:
         image=scene_image,
         model=classify_model,
+    output:
+        classes=temp("results/classified/{model}/{scene}/shards/{shard}/classes.tif"),
+        probability=temp("results/classified/{model}/{scene}/shards/{shard}/probability.tif"),
+    params:
+        settings=config["classify"],
+        image=config["image"],
+        window=shard_window,
+    log:
+        "logs/classified/{model}/{scene}/shards/{shard}.log",
+    benchmark:
+        "benchmarks/classified/{model}/{scene}/shards/{shard}.tsv"
+    threads: res("classify", "threads", 4)
+    resources:
+        mem_mb=res("classify", "mem_mb", 16000),
+        runtime=res("classify", "runtime", 240),
+        gpu=res("classify", "gpu", 1),
+    conda:
+        "../envs/torch.yaml"
+    container:
+        container_for("torch")
+    script:
+        "../scripts/classify_shard.py"
+
+
+rule classify_scene:
+    """Step 4: classify a whole scene with a model package (COG class raster, probability, centrelines);
+    a sharded scene's shards are joined here instead."""
+    input:
+        image=scene_image,
+        model=classify_model,
+        shards=classify_shards,
     output:
         classes="results/classified/{model}/{scene}/classes.tif",
         probability="results/classified/{model}/{scene}/probability.tif",
@@ -22,7 +53,7 @@ rule classify_scene:
     resources:
         mem_mb=res("classify", "mem_mb", 16000),
         runtime=res("classify", "runtime", 240),
-        gpu=res("classify", "gpu", 1),
+        gpu=classify_gpu,
     conda:
         "../envs/torch.yaml"
     container:

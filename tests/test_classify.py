@@ -17,7 +17,7 @@ from shapely.geometry import LineString
 
 from roadxfer import IGNORE_VALUE
 from roadxfer import centrelines as cl
-from roadxfer.classify import ClassifySettings, classify_scene, edge_weights, resampled_strips, starts, stitch
+from roadxfer.classify import ClassifySettings, classify_scene, count_tiles, edge_weights, merge_shards, resampled_strips, shard_windows, starts, stitch
 from roadxfer.errors import InputError
 from roadxfer.model import ModelSpec, MultiTaskRoadModel
 from roadxfer.package import build_emd, write_package
@@ -354,3 +354,32 @@ def test_cell_size_is_recorded_and_compared_in_metres(tmp_path):
     finally:
         logger.removeHandler(handler)
     assert not any("was trained at" in m for m in records)
+
+
+@pytest.mark.parametrize("shard", [100, 67])  # 4 and 9 shards of a 190 x 200 px scene
+def test_a_scene_classified_in_shards_equals_the_scene_at_once(tmp_path, package, shard):
+    image = _smooth_image(tmp_path / "img.tif", (190, 200), 0.5)
+    settings = ClassifySettings(batch_size=3)
+    whole = tmp_path / "whole"
+    classify_scene(image, package, whole / "c.tif", out_probability=whole / "p.tif", out_centrelines=whole / "l.gpkg", settings=settings)
+    windows = shard_windows(200, 190, shard)
+    assert len(windows) == (4 if shard == 100 else 9)
+    parts = []
+    for name, win in windows.items():
+        out = tmp_path / "shards" / name
+        s = classify_scene(image, package, out / "c.tif", out_probability=out / "p.tif", settings=settings, window=win)
+        assert s["tiles"] < count_tiles(190, 200, 64, 16)  # only the tiles that touch the shard
+        parts.append((out / "c.tif", out / "p.tif"))
+    merged = tmp_path / "merged"
+    with pytest.raises(InputError, match=r"cover .* pixels.*a merge never runs on a partial set"):
+        merge_shards(image, parts[:-1], package, merged / "c.tif", out_probability=merged / "p.tif", settings=settings)
+    assert not (merged / "c.tif").exists()
+    merge_shards(image, parts, package, merged / "c.tif", out_probability=merged / "p.tif", out_centrelines=merged / "l.gpkg", settings=settings)
+    with rasterio.open(whole / "c.tif") as a, rasterio.open(merged / "c.tif") as b:
+        assert (a.transform, a.shape) == (b.transform, b.shape) and a.colormap(1) == b.colormap(1)
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+    with rasterio.open(whole / "p.tif") as a, rasterio.open(merged / "p.tif") as b:
+        pa, pb = a.read(1).astype(int), b.read(1).astype(int)
+    assert np.abs(pa - pb).max() <= 1 and (pa == pb).mean() > 0.999  # batch composition moves outputs by ~1e-7
+    la, lb = gpd.read_file(whole / "l.gpkg", layer="centrelines"), gpd.read_file(merged / "l.gpkg", layer="centrelines")
+    assert len(la) == len(lb) and la.length.sum() == pytest.approx(lb.length.sum())

@@ -238,3 +238,13 @@ def test_pixels_far_from_every_road_take_their_type_from_the_coarse_split(tmp_pa
         assert (coarse[t]["tp"], coarse[t]["fn"], coarse[t]["n_ref"]) == (exact[t]["tp"], exact[t]["fn"], exact[t]["n_ref"])
     assert coarse["all"] == exact["all"]
     assert sum(coarse[t]["fp"] for t in types) == exact["all"]["fp"]
+
+
+def test_reference_lines_that_miss_the_scene_are_named_in_a_warning(tmp_path, caplog):
+    image = make_raster(tmp_path / "img.tif", size=(100, 100))
+    far = LineString([(X0 + 5000, Y0 - 25), (X0 + 5300, Y0 - 25)])
+    labels = make_vectors(tmp_path / "ref.gpkg", [far], Classvalue=[1])
+    lines = make_vectors(tmp_path / "prop.gpkg", [LineString([(X0, Y0 - 25), (X0 + 40, Y0 - 25)])], layer="centrelines", class_value=[1])
+    make_raster(tmp_path / "pred.tif", size=(100, 100), count=1, data=np.zeros((1, 100, 100), np.uint8))
+    evaluate_scene(image, tmp_path / "pred.tif", lines, labels, tmp_path / "m.json", EvalSettings(road_type_field=None), scene_id="s", model="m")
+    assert "none of the 1 reference line(s) of" in caplog.text and "ref.gpkg" in caplog.text and "check the labels' layer and filter" in caplog.text

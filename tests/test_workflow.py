@@ -207,3 +207,40 @@ def test_a_class_without_name_or_colour_gets_defaults_with_a_warning(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout + out.stderr
     assert "class value 1 has no name: it is called 'class 1'" in text and "class 'class 1' has no colour: [255, 0, 0] is used" in text
+
+
+def test_a_big_scene_is_classified_in_shard_jobs(tmp_path):
+    """classify.shard_size: the scene's header gives 4 shard jobs; joined, they equal one job's classification."""
+    from roadxfer.classify import ClassifySettings, classify_scene
+    from roadxfer.demo import write_scene
+
+    wf = tiny_workflow(tmp_path, extra="classify: {models: [base], shard_size: 256}\n")
+    (wf / "resources/demo").mkdir(parents=True)
+    write_scene(101, wf / "resources/demo/x1.tif", wf / "resources/demo/x1.gpkg", size=400)  # there when the DAG is built
+    dry = smk("--configfile", "cfg.yaml", "--cores", "2", "--dry-run", "results/classified/base/x1/classes.tif", cwd=wf)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "classify_shard" in dry.stdout and dry.stdout.count("shard=r") == 4
+    out = smk("--configfile", "cfg.yaml", "--cores", "2", "results/classified/base/x1/centrelines.gpkg", cwd=wf)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sorted(p.stem for p in (wf / "logs/classified/base/x1/shards").glob("*.log")) == ["r0c0", "r0c1", "r1c0", "r1c1"]
+    assert not list((wf / "results/classified/base/x1/shards").rglob("*.tif"))  # temporary: removed once joined
+    once = tmp_path / "once"
+    classify_scene(wf / "resources/demo/x1.tif", wf / "results/models/base", once / "c.tif", settings=ClassifySettings())
+    with rasterio.open(once / "c.tif") as a, rasterio.open(wf / "results/classified/base/x1/classes.tif") as b:
+        assert (a.transform, a.shape) == (b.transform, b.shape) and (a.read(1) == b.read(1)).all()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_job_that_asks_for_a_gpu_it_does_not_get_fails_saying_so(tmp_path):
+    fixture = ROOT / "tests" / "data" / "arcgis-mtre-linknet34"
+    extra = f"models: {{base: {{package: '{fixture}'}}}}\nclassify: {{models: [base]}}\n"
+    wf = tiny_workflow(tmp_path, extra=extra + "resources: {classify: {threads: 1, gpu: 1}}\n")
+    target = "results/classified/base/x1/classes.tif"
+    out = smk("--configfile", "cfg.yaml", "--cores", "2", target, cwd=wf)
+    assert out.returncode != 0 and not (wf / target).exists()
+    log = (wf / "logs/classified/base/x1.log").read_text()
+    assert "rule classify_scene asks for 1 GPU(s) but this machine has 0 usable by torch" in log and "cpu_fallback" in log
+    (wf / "cfg.yaml").write_text((wf / "cfg.yaml").read_text() + "resources: {classify: {threads: 1, gpu: 1}, cpu_fallback: true}\n")
+    out = smk("--configfile", "cfg.yaml", "--cores", "2", target, cwd=wf)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "running on the CPU (resources.cpu_fallback is on)" in (wf / "logs/classified/base/x1.log").read_text()
