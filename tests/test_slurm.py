@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 UNAVAILABLE = why_unavailable()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no SLURM cluster: {UNAVAILABLE}")
 
-SMALL = "resources: {geo: {mem_mb: 500, runtime: 10}, train: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}, classify: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}}\n"
+# The test cluster's GPUs are gres entries without a device: GPU jobs run on the CPU with a warning.
+SMALL = ("resources: {geo: {mem_mb: 500, runtime: 10}, train: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}, classify: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}, "
+         "cpu_fallback: true}\n")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def run_on_slurm(cluster: Cluster, wf: Path, *extra: str) -> subprocess.Complete
         "--workflow-profile", str(ROOT / "profiles" / "slurm"),
         "--configfile", "cfg.yaml",
         "--default-resources", "slurm_partition=cpu", "mem_mb=500", "runtime=10",
-        "--set-resources", "train_model:slurm_partition=gpu", "classify_scene:slurm_partition=gpu",
+        "--set-resources", "train_model:slurm_partition=gpu", "classify_scene:slurm_partition=gpu", "classify_shard:slurm_partition=gpu",
         "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-keep-successful-logs",
         "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
         "--jobs", "4", "--retries", "0", *extra,
@@ -61,6 +63,8 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
         gpu_rule = j["comment"].startswith(("rule_train_model", "rule_classify_scene"))
         assert j["partition"] == ("gpu" if gpu_rule else "cpu"), j
         assert ("TresPerJob=gres:gpu:1" in cluster.job_details(j["id"])) == gpu_rule, j  # rule resource gpu: 1 -> sbatch --gpus=1
+    assert "rule_rasterize_labels_wildcards_b1" in {j["comment"] for j in jobs}  # rule and scene in what squeue and sacct show
+    assert "running on the CPU (resources.cpu_fallback is on)" in (wf / "logs/classified/transfer/x1.log").read_text()  # asked for a GPU it did not get
     logs = list((wf / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert len(logs) >= len(jobs)
     with rasterio.open(wf / "results/classified/transfer/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
@@ -87,3 +91,22 @@ def test_failing_rule_fails_the_run_and_points_at_its_log(cluster, tmp_path):
     log = (wf / "logs/labels/bad1.log").read_text()
     assert "zero.gpkg" in log and "class value 0" in log
     assert not (wf / "results/labels/bad1/label.tif").exists()
+
+
+def test_a_sharded_scene_runs_its_shards_as_separate_jobs(cluster, tmp_path):
+    from roadxfer.demo import write_scene
+
+    fixture = ROOT / "tests" / "data" / "arcgis-mtre-linknet34"
+    wf = tiny_workflow(tmp_path, extra=SMALL + f"models: {{base: {{package: '{fixture}'}}}}\nclassify: {{models: [base], shard_size: 256}}\n")
+    (wf / "resources/demo").mkdir(parents=True)
+    write_scene(101, wf / "resources/demo/x1.tif", wf / "resources/demo/x1.gpkg", size=400)
+    before = {j["id"] for j in cluster.jobs()}
+    out = run_on_slurm(cluster, wf, "results/classified/base/x1/centrelines.gpkg")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    jobs = [j for j in cluster.jobs() if j["id"] not in before]
+    shards = sorted(j["comment"].rsplit("_", 1)[-1] for j in jobs if j["comment"].startswith("rule_classify_shard"))
+    assert shards == ["r0c0", "r0c1", "r1c0", "r1c1"] and len({j["id"] for j in jobs}) == 5  # four shard jobs and the join
+    join = next(j for j in jobs if j["comment"].startswith("rule_classify_scene"))
+    assert "gres:gpu" not in cluster.job_details(join["id"])  # joining needs no GPU
+    with rasterio.open(wf / "results/classified/base/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
+        assert (c.transform, c.shape) == (img.transform, img.shape)
