@@ -38,7 +38,7 @@ def check_gpu(snakemake: Any) -> None:
     Without CUDA torch silently runs on the CPU, many times slower than the job was sized
     for. ``resources.cpu_fallback: true`` in the config turns the failure into a warning.
     """
-    wanted = int(getattr(snakemake.resources, "gpu", 0) or 0)
+    wanted = int(getattr(getattr(snakemake, "resources", None), "gpu", 0) or 0)
     if wanted <= 0:
         return
     import torch
@@ -46,7 +46,7 @@ def check_gpu(snakemake: Any) -> None:
     seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if seen >= wanted:
         return
-    fallback = bool(snakemake.config.get("resources", {}).get("cpu_fallback", False))
+    fallback = bool((getattr(snakemake, "config", None) or {}).get("resources", {}).get("cpu_fallback", False))
     where = f"SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else "this machine"
     problem = (f"rule {snakemake.rule} asks for {wanted} GPU(s) but {where} has {seen} usable by torch "
                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, torch {torch.__version__}, CUDA build {torch.version.cuda})")

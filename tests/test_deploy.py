@@ -102,9 +102,9 @@ def test_every_rule_names_a_conda_env_and_a_container():
 
 def test_gpu_rules_request_a_gpu_and_cpu_rules_do_not():
     text = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
-    for rule in ("train_model", "classify_scene"):
+    for rule in ("train_model", "classify_shard", "classify_scene"):
         block = text.split(f"rule {rule}:")[1].split("\nrule ")[0]
-        assert re.search(r"gpu=res\(", block), rule
+        assert re.search(r"gpu=res\(" if rule != "classify_scene" else r"gpu=classify_gpu", block), rule  # a sharded scene's join needs none
     for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles"):
         block = text.split(f"rule {rule}:")[1].split("\nrule ")[0]
         assert "gpu=" not in block, rule
