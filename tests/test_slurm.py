@@ -33,19 +33,22 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def run_on_slurm(cluster: Cluster, wf: Path, *extra: str) -> subprocess.CompletedProcess:
-    """The slurm workflow profile, with this cluster's partitions and a squeue status command."""
-    cmd = [
+def slurm_command(*extra: str) -> list[str]:
+    """The slurm workflow profile as users run it (its squeue status command included), with this cluster's partitions."""
+    return [
         sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
         "--workflow-profile", str(ROOT / "profiles" / "slurm"),
         "--configfile", "cfg.yaml",
         "--default-resources", "slurm_partition=cpu", "mem_mb=500", "runtime=10",
         "--set-resources", "train_model:slurm_partition=gpu", "classify_scene:slurm_partition=gpu", "classify_shard:slurm_partition=gpu",
-        "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-keep-successful-logs",
+        "--slurm-no-account", "--slurm-keep-successful-logs",  # status command: the profile's (squeue)
         "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
         "--jobs", "4", "--retries", "0", *extra,
     ]
-    return subprocess.run(cmd, cwd=wf, env={**cluster.env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=1200)
+
+
+def run_on_slurm(cluster: Cluster, wf: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(slurm_command(*extra), cwd=wf, env={**cluster.env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=1200)
 
 
 def test_workflow_runs_through_sbatch(cluster, tmp_path):
@@ -110,3 +113,28 @@ def test_a_sharded_scene_runs_its_shards_as_separate_jobs(cluster, tmp_path):
     assert "gres:gpu" not in cluster.job_details(join["id"])  # joining needs no GPU
     with rasterio.open(wf / "results/classified/base/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
         assert (c.transform, c.shape) == (img.transform, img.shape)
+
+
+def test_a_cancelled_job_fails_the_run_instead_of_leaving_it_waiting(cluster, tmp_path):
+    """`scancel` of a running job: the run stops with an error naming it (the profile's squeue status command sees CANCELLED)."""
+    import time
+
+    wf = tiny_workflow(tmp_path, extra=SMALL + "training: {backbone: resnet18, epochs: 40, batch_size: 4, patience: 0}\n")
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(slurm_command("--until", "train_model"), cwd=wf, env={**cluster.env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, victim = time.monotonic() + 600, None
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            running = [j for j in cluster.jobs() if j["comment"].startswith("rule_train_model") and j["state"] == "RUNNING"]
+            victim = running[0]["id"] if running else None
+            time.sleep(2)
+        assert victim is not None, "no training job ever ran"
+        time.sleep(3)
+        subprocess.run(["scancel", victim], env=cluster.env, check=True)
+        rc = proc.wait(timeout=300)  # before the fix in the profile (sacct) this waited forever
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "run.log").read_text()
+    assert rc != 0 and "Error in rule train_model" in text and victim in text and "CANCELLED" in text
