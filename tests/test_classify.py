@@ -383,3 +383,13 @@ def test_a_scene_classified_in_shards_equals_the_scene_at_once(tmp_path, package
     assert np.abs(pa - pb).max() <= 1 and (pa == pb).mean() > 0.999  # batch composition moves outputs by ~1e-7
     la, lb = gpd.read_file(whole / "l.gpkg", layer="centrelines"), gpd.read_file(merged / "l.gpkg", layer="centrelines")
     assert len(la) == len(lb) and la.length.sum() == pytest.approx(lb.length.sum())
+
+
+def test_plane_argmax_equals_torch_argmax_ties_included():
+    from roadxfer.classify import argmax0
+
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 4):
+        probs = torch.rand((k, 37, 53), generator=g)
+        probs[:, :5] = 0.5  # ties: the first class wins, as with argmax
+        assert torch.equal(argmax0(probs), probs.argmax(0).to(torch.uint8))
