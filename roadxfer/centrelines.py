@@ -34,7 +34,7 @@ from skimage.morphology import skeletonize
 
 from . import IGNORE_VALUE
 from .atomic import atomic_path
-from .raster import cell_size_metres
+from .raster import cell_size_metres, padded_blocks
 from .roadmask import MaskSettings, MaskStats, clean_mask
 from .styles import add_gpkg_style, centreline_qml, complete_classes
 
@@ -78,19 +78,15 @@ def trace_lines(mask_reader: Callable[..., np.ndarray], height: int, width: int,
     slices into it) is the part this block owns, for readers that count what they see.
     """
     pieces = []
-    for r0 in range(0, height, block):
-        for c0 in range(0, width, block):
-            rr0, cc0 = max(r0 - HALO, 0), max(c0 - HALO, 0)
-            rr1, cc1 = min(r0 + block + HALO, height), min(c0 + block + HALO, width)
-            core = (slice(r0 - rr0, min(r0 + block, height) - rr0), slice(c0 - cc0, min(c0 + block, width) - cc0))
-            mask = mask_reader(Window(cc0, rr0, cc1 - cc0, rr1 - rr0), core)
-            if not mask.any():
-                continue
-            skel = skeletonize(mask)
-            e = skeleton_edges(skel, (core[0].start, core[0].stop), (core[1].start, core[1].stop))
-            if len(e):
-                e = e.astype(np.float64) + np.array([rr0, cc0]) + 0.5
-                pieces.append(e[..., ::-1])  # (x=col, y=row)
+    for _, pad, core in padded_blocks(width, height, block, HALO):
+        mask = mask_reader(pad, core)
+        if not mask.any():
+            continue
+        skel = skeletonize(mask)
+        e = skeleton_edges(skel, (core[0].start, core[0].stop), (core[1].start, core[1].stop))
+        if len(e):
+            e = e.astype(np.float64) + np.array([pad.row_off, pad.col_off]) + 0.5
+            pieces.append(e[..., ::-1])  # (x=col, y=row)
     if not pieces:
         return []
     return _merge(shapely.linestrings(np.concatenate(pieces)))
@@ -139,14 +135,9 @@ def clean_network(lines: Sequence[shapely.LineString], spur: float, min_length: 
         if all(keep):
             break
         lines = _merge([line for line, k in zip(lines, keep) if k])
-    g = nx.Graph()
-    for i, line in enumerate(lines):
-        a, b = _end_keys(line)
-        g.add_edge(("end", a), ("line", i))
-        g.add_edge(("end", b), ("line", i))
     out = []
-    for comp in nx.connected_components(g):
-        members = [lines[n[1]] for n in comp if n[0] == "line"]
+    for comp in components(lines):
+        members = [lines[i] for i in comp]
         if sum(m.length for m in members) >= min_length:
             out.extend(members)
     return sorted(out, key=lambda ln: ln.coords[0])
@@ -426,10 +417,9 @@ def centrelines_from_raster(
         gdf["mean_probability"], gdf["min_probability"] = line_probabilities(gdf.geometry, probability, probability_scale, step=cell)
         if vs.min_probability > 0 and len(gdf):  # whole networks of faint, doubtful road go
             keep = np.ones(len(gdf), bool)
-            geoms = list(gdf.geometry)
-            for comp in components(geoms):
-                lengths = gdf["length_m"].to_numpy()[comp]
-                means = np.nan_to_num(gdf["mean_probability"].to_numpy()[comp])
+            all_lengths, all_means = gdf["length_m"].to_numpy(), np.nan_to_num(gdf["mean_probability"].to_numpy())
+            for comp in components(list(gdf.geometry)):
+                lengths, means = all_lengths[comp], all_means[comp]
                 if lengths.sum() and (means * lengths).sum() / lengths.sum() < vs.min_probability:
                     keep[comp] = False
             if not keep.all():
@@ -458,8 +448,7 @@ def node_table(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     ends = []
     for line in gdf.geometry:
         pair = []
-        for xy in (line.coords[0], line.coords[-1]):
-            key = (round(xy[0], 6), round(xy[1], 6))
+        for key in _end_keys(line):
             node = ids.setdefault(key, len(ids) + 1)
             degree[node] = degree.get(node, 0) + 1
             pair.append(node)

@@ -85,6 +85,17 @@ def check_geometry(tile: int, overlap: int, margin: int) -> None:
         raise ValueError(f"margin {margin} must be less than half the overlap {overlap}, or no pixel between two tiles gets a weight")
 
 
+def tiles_touching(height: int, width: int, tile: int, stride: int, core: Window | None = None) -> tuple[list[int], list[int], int]:
+    """Row and column starts of the scene's tile grid whose tiles touch ``core`` (default: the whole scene),
+    and the index of the first of those rows in the whole grid."""
+    r0, r1, c0, c1 = (0, height, 0, width) if core is None else (int(core.row_off), int(core.row_off + core.height), int(core.col_off), int(core.col_off + core.width))
+    all_rows = starts(height, tile, stride)
+    first = next(i for i, y in enumerate(all_rows) if y + tile > r0)
+    rows = [y for y in all_rows[first:] if y < r1]
+    cols = [c for c in starts(width, tile, stride) if c < c1 and c + tile > c0]
+    return rows, cols, first
+
+
 def stitch(
     src: rasterio.DatasetReader,
     info: ImageInfo,
@@ -110,11 +121,9 @@ def stitch(
     check_geometry(tile, overlap, margin)
     H, W = info.height, info.width
     stride = tile - overlap
-    all_rows, all_cols = starts(H, tile, stride), starts(W, tile, stride)
+    all_rows = starts(H, tile, stride)
     r0, r1, c0, c1 = (0, H, 0, W) if core is None else (int(core.row_off), int(core.row_off + core.height), int(core.col_off), int(core.col_off + core.width))
-    first = next(i for i, y in enumerate(all_rows) if y + tile > r0)
-    rows = [y for y in all_rows[first:] if y < r1]
-    cols = [c for c in all_cols if c < c1 and c + tile > c0]
+    rows, cols, first = tiles_touching(H, W, tile, stride, core)
     x0 = cols[0]
     Wp = max(cols[-1] + tile - x0, tile)
     num = torch.zeros((n_out, tile, Wp), dtype=torch.float32, device=device)
@@ -355,10 +364,11 @@ def classify_scene(
         seconds = time.perf_counter() - t0
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
                                classes=classes, settings=settings, scene=Path(image).name, size=(width, height), sidecars=window is None)
-    stride = tile - overlap
-    n_tiles = (count_tiles(grid[2], grid[1], tile, overlap) if grid else
-               sum(1 for y in starts(info.height, tile, stride) if r_off - tile < y < r_off + height) *
-               sum(1 for c in starts(info.width, tile, stride) if int(win.col_off) - tile < c < int(win.col_off) + width))
+    if grid:
+        n_tiles = count_tiles(grid[2], grid[1], tile, overlap)
+    else:
+        rows, cols, _ = tiles_touching(info.height, info.width, tile, tile - overlap, window)
+        n_tiles = len(rows) * len(cols)
     summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": width * height / seconds / 1e6, "device": str(device), "centrelines": lines,
                "resampled_to_m": float(model_cell) if grid else None}
     log.info("%s classified in %.1f s (%.2f Mpx/s) on %s", image, seconds, summary["megapixels_per_s"], device)

@@ -35,7 +35,7 @@ from .apls import apls
 from .atomic import atomic_path
 from .labels import buffer_in_crs
 from .errors import InputError
-from .raster import ImageInfo, block_windows, image_info, read_window
+from .raster import ImageInfo, image_info, padded_blocks, read_window
 from .vectors import LINE_TYPES, read_vectors
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,16 @@ def ratios(c: Mapping[str, float]) -> dict[str, float]:
     }
 
 
+def nearest_type(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel, the distance to and the 1-based index of the nearest mask's pixel
+    (a Voronoi split; where masks overlap the first wins). At least one mask must have a pixel."""
+    label = np.zeros(masks[0].shape, np.int32)
+    for i, m in enumerate(masks, start=1):
+        label[m & (label == 0)] = i
+    dist, (ri, ci) = ndimage.distance_transform_edt(label == 0, return_indices=True)
+    return dist, label[ri, ci]
+
+
 def mask_metrics(
     pred: np.ndarray,
     refs: Mapping[str, np.ndarray],
@@ -131,11 +141,7 @@ def mask_metrics(
     d_pred = ndimage.distance_transform_edt(~pred) if pred.any() else inf
     out = {"all": counts(pred, any_ref, area, rho, ndimage.distance_transform_edt(~any_ref) if any_ref.any() else inf, d_pred)}
     if any_ref.any():
-        label = np.zeros(pred.shape, np.int32)
-        for i, name in enumerate(names, start=1):
-            label[refs[name] & (label == 0)] = i
-        dist, (ri, ci) = ndimage.distance_transform_edt(label == 0, return_indices=True)
-        nearest = label[ri, ci]
+        dist, nearest = nearest_type([refs[name] for name in names])
         if far_label is not None:
             nearest = np.where(dist > far, far_label, nearest)
     elif far_label is not None:
@@ -223,13 +229,10 @@ def coarse_nearest_type(ref: ReferenceShapes, info: ImageInfo, max_side: int = 1
     f = max(1, -(-max(info.width, info.height) // max_side))
     h, w = -(-info.height // f), -(-info.width // f)
     transform = info.transform * rasterio.Affine.scale(f)
-    label = np.zeros((h, w), np.int32)
-    for i, t in enumerate(ref.types, start=1):
-        label[ref.burn(t, Window(0, 0, w, h), transform, all_touched=True) & (label == 0)] = i
-    if not label.any():
-        return label, f
-    _, (ri, ci) = ndimage.distance_transform_edt(label == 0, return_indices=True)
-    return label[ri, ci], f
+    masks = [ref.burn(t, Window(0, 0, w, h), transform, all_touched=True) for t in ref.types]
+    if not any(m.any() for m in masks):
+        return np.zeros((h, w), np.int32), f
+    return nearest_type(masks)[1], f
 
 
 def evaluate_scene(
@@ -265,23 +268,19 @@ def evaluate_scene(
     totals: dict[str, dict[str, int]] = {}
     seen: set[str] = set()
     pieces: list[shapely.Geometry] = []
-    windows = list(block_windows(info.width, info.height, block))
+    windows = list(padded_blocks(info.width, info.height, block, halo))
     t0 = last_log = time.perf_counter()
     with rasterio.open(image) as img, rasterio.open(classified) as src:
-        for n, core in enumerate(windows, start=1):
-            r0, c0 = max(0, int(core.row_off) - halo), max(0, int(core.col_off) - halo)
-            r1 = min(info.height, int(core.row_off + core.height) + halo)
-            c1 = min(info.width, int(core.col_off + core.width) + halo)
-            pad = Window(c0, r0, c1 - c0, r1 - r0)
+        for n, (core, pad, core_slices) in enumerate(windows, start=1):
+            r0, c0 = int(pad.row_off), int(pad.col_off)
             cls = src.read(1, window=pad)
             _, valid = read_window(img, info, pad)
             valid &= cls != IGNORE_VALUE
             for wr, wc, wh, ww in settings.ignore_windows:  # [row_off, col_off, height, width] in scene pixels
                 valid[max(0, wr - r0) : max(0, wr + wh - r0), max(0, wc - c0) : max(0, wc + ww - c0)] = False
             in_core = np.zeros(valid.shape, bool)
-            cr, cc = int(core.row_off) - r0, int(core.col_off) - c0
-            in_core[cr : cr + int(core.height), cc : cc + int(core.width)] = True
-            core_valid = valid[cr : cr + int(core.height), cc : cc + int(core.width)]
+            in_core[core_slices] = True
+            core_valid = valid[core_slices]
             if core_valid.any():
                 pieces.append(valid_area(core_valid, rasterio.windows.transform(core, info.transform)))
             pred = (cls > 0) & valid
@@ -289,7 +288,7 @@ def evaluate_scene(
             seen.update(t for t, m in refs.items() if m[in_core].any())
             if not pred.any() and not any(m.any() for m in refs.values()):
                 continue  # nothing to count here
-            rows, cols = np.arange(r0, r1) // f, np.arange(c0, c1) // f
+            rows, cols = np.arange(r0, r0 + int(pad.height)) // f, np.arange(c0, c0 + int(pad.width)) // f
             far_label = far_grid[rows[:, None], cols[None, :]]
             for t, c in mask_metrics(pred, refs, valid, settings.relaxed_pixels, region=in_core, far_label=far_label, far=halo).items():
                 acc = totals.setdefault(t, dict.fromkeys(COUNT_KEYS, 0))

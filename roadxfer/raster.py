@@ -203,6 +203,21 @@ def block_windows(width: int, height: int, block: int) -> Iterator[Window]:
             yield Window(col, row, min(block, width - col), min(block, height - row))
 
 
+def padded_blocks(width: int, height: int, block: int, halo: int) -> Iterator[tuple[Window, Window, tuple[slice, slice]]]:
+    """Blocks covering the raster, each with a window padded by ``halo`` (clipped at the edges).
+
+    Yields ``(block, padded window, block's rows and columns as slices into the padded
+    window)``: work done on the padded window is exact in the block for anything that
+    reaches less than ``halo`` pixels.
+    """
+    for core in block_windows(width, height, block):
+        r0, c0 = max(0, int(core.row_off) - halo), max(0, int(core.col_off) - halo)
+        r1 = min(height, int(core.row_off + core.height) + halo)
+        c1 = min(width, int(core.col_off + core.width) + halo)
+        cr, cc = int(core.row_off) - r0, int(core.col_off) - c0
+        yield core, Window(c0, r0, c1 - c0, r1 - r0), (slice(cr, cr + int(core.height)), slice(cc, cc + int(core.width)))
+
+
 def tile_starts(n: int, tile: int, stride: int) -> list[int]:
     """Tile offsets along one axis; the last tile is aligned to the edge (one tile if n <= tile)."""
     if n <= tile:
