@@ -23,19 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import tiled_demo_image  # noqa: E402
+from common import make_package, tiled_demo_image  # noqa: E402
 from peak import peak_rss_mib  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene, model_predict_fn  # noqa: E402
-from roadxfer.model import ModelSpec, MultiTaskRoadModel  # noqa: E402
-from roadxfer.package import build_emd, load_package, write_package  # noqa: E402
+from roadxfer.package import load_package  # noqa: E402
 from roadxfer.train import pick_device, set_threads  # noqa: E402
-
-
-def make_package(folder: Path, arch: str, backbone: str, tile: int) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec(arch=arch, backbone=backbone, orientation_bins=18)
-    emd = build_emd("bench", spec, tile_size=tile, classes=[{"value": 1, "name": "road"}], bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.3, provenance={})
-    return write_package(folder / "bench", MultiTaskRoadModel(spec), emd)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -65,7 +57,7 @@ def main() -> None:
     dev = pick_device(args.device)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        pkg_path = make_package(tmp, args.arch, args.backbone, args.tile)
+        pkg_path = make_package(tmp, args.backbone, args.tile, arch=args.arch)
         pkg = load_package(pkg_path, device=dev)
         predict = model_predict_fn(pkg, dev)
         x = torch.rand(args.batch, 3, args.tile, args.tile, device=dev)

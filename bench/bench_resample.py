@@ -24,22 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import tiled_demo_image  # noqa: E402
+from common import make_package, tiled_demo_image  # noqa: E402
 from peak import peak_rss_mib  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene  # noqa: E402
-from roadxfer.model import ModelSpec, MultiTaskRoadModel  # noqa: E402
-from roadxfer.package import build_emd, write_package  # noqa: E402
 
-
-def make_package(folder: Path, backbone: str, tile: int, cell: float) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec(arch="linknet", backbone=backbone, orientation_bins=18)
-    emd = build_emd("bench", spec, tile_size=tile, classes=[{"value": 1, "name": "road"}], bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=cell, provenance={})
-    return write_package(folder / f"bench_{cell}", MultiTaskRoadModel(spec), emd)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -71,7 +62,7 @@ def main() -> None:
         print("| model cell | resample | model grid px | tiles | s (first run) | s (warm) | scene Mpx/s | model-grid Mpx/s | peak RSS MiB |")
         print("|---|---|---|---|---|---|---|---|---|")
         for cell, mode in ((0.3, "off"), (0.3, "always"), (0.45, "auto"), (0.2, "auto")):
-            pkg = make_package(tmp, args.backbone, args.tile, cell)
+            pkg = make_package(tmp, args.backbone, args.tile, cell=cell, name=f"bench_{cell}")
             out = tmp / f"c_{cell}_{mode}" / "c.tif"
             cmd = [sys.executable, __file__, "--child", "--image", str(image), "--package", str(pkg), "--out", str(out), "--resample", mode, "--threads", str(args.threads)]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])

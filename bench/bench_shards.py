@@ -21,15 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import tiled_demo_image  # noqa: E402
+from common import make_package, tiled_demo_image  # noqa: E402
 from peak import peak_rss_mib  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene, merge_shards, shard_windows  # noqa: E402
-from roadxfer.model import ModelSpec, MultiTaskRoadModel  # noqa: E402
-from roadxfer.package import build_emd, write_package  # noqa: E402
+
 
 
 def child(args: argparse.Namespace) -> None:
@@ -66,10 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         image = str(tiled_demo_image(tmp / "scene.tif", args.size))
-        torch.manual_seed(0)
-        spec = ModelSpec(arch="linknet", backbone=args.backbone, orientation_bins=18)
-        emd = build_emd("bench", spec, tile_size=256, classes=[{"value": 1, "name": "road"}], bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.3, provenance={})
-        package = str(write_package(tmp / "bench", MultiTaskRoadModel(spec), emd))
+        package = str(make_package(tmp, args.backbone, 256))
         print(f"scene {args.size}x{args.size} px, shards of {args.shard} px, linknet/{args.backbone}, tile 256, {args.threads} threads, CPU")
         print("| step | seconds | peak RSS MiB |")
         print("|---|---|---|")

@@ -29,3 +29,15 @@ def tiled_demo_image(path: Path, size: int, cell: float = 0.3) -> Path:
             dst.write(strip, window=rasterio.windows.Window(0, r0, size, strip.shape[1]))
     return path
 
+
+def make_package(folder: Path, backbone: str, tile: int, *, arch: str = "linknet", cell: float = 0.3, name: str = "bench") -> Path:
+    """An untrained but complete package (seeded weights + .emd): what the timing benchmarks classify with."""
+    import torch
+
+    from roadxfer.model import ModelSpec, MultiTaskRoadModel
+    from roadxfer.package import build_emd, write_package
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch=arch, backbone=backbone, orientation_bins=18)
+    emd = build_emd(name, spec, tile_size=tile, classes=[{"value": 1, "name": "road"}], bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=cell, provenance={})
+    return write_package(folder / name, MultiTaskRoadModel(spec), emd)
