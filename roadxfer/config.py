@@ -17,7 +17,7 @@ import yaml
 from .errors import InputError
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-ROLES = ("base", "transfer", "test", "predict")
+ROLES = ("base", "transfer", "test", "predict", "retention")
 
 
 def _schema() -> dict[str, Any]:
@@ -53,10 +53,11 @@ def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:
         if pretrained and pretrained not in models and not Path(pretrained).exists():
             raise InputError(source, f"models.{name}.pretrained {pretrained!r} is neither a model of `models:` nor an existing path",
                              f"use one of {sorted(models)} or the path of a package folder, .emd or .dlpk")
-        for entry in model.get("datasets", []):
-            if entry not in ROLES and not Path(entry).exists():
-                raise InputError(source, f"models.{name}.datasets entry {entry!r} is neither a role ({', '.join(ROLES)}) nor an existing Classified Tiles folder",
-                                 "fix the role name or the folder path")
+        for key in ("datasets", "rehearsal"):
+            for entry in model.get(key, []):
+                if entry not in ROLES and not Path(entry).exists():
+                    raise InputError(source, f"models.{name}.{key} entry {entry!r} is neither a role ({', '.join(ROLES)}) nor an existing Classified Tiles folder",
+                                     "fix the role name or the folder path")
     _check_classify_geometry(config, source)
     _check_image(config.get("image", {}), source)
 

@@ -120,19 +120,36 @@ def load_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]],
                     radiometry, source_bands)
 
 
+# With fewer scenes than this, `val_split: auto` holds out tiles of every scene rather than
+# whole scenes: one of two transfer scenes held out would halve a few samples.
+STRATIFY_BELOW = 5
+
+
 def split(data: TileData, *, val_fraction: float, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/validation split: by scene when several scenes are given (mode auto), else by tile."""
+    """Seeded train/validation split.
+
+    ``scene``: whole scenes held out; ``stratified``: ``val_fraction`` of each scene's tiles;
+    ``tile``: tiles at random; ``auto``: by scene from :data:`STRATIFY_BELOW` scenes up,
+    stratified by scene below that, by tile for one scene.
+    """
     rng = np.random.default_rng(seed)
     n_scenes = len(data.scenes)
-    if mode == "scene" or (mode == "auto" and n_scenes >= 2):
+    if mode == "auto":
+        mode = "scene" if n_scenes >= STRATIFY_BELOW else "stratified" if n_scenes >= 2 else "tile"
+    is_val = np.zeros(len(data), bool)
+    if mode == "scene":
         if n_scenes < 2:
             raise InputError(data.sources[0], "a split by scene needs at least two scenes", "set training.val_split: tile")
         n_val = min(max(1, round(val_fraction * n_scenes)), n_scenes - 1)
         val_scenes = rng.choice(n_scenes, n_val, replace=False)
         is_val = np.isin(data.scene, val_scenes)
+    elif mode == "stratified":
+        for s in range(n_scenes):
+            idx = np.flatnonzero(data.scene == s)
+            n_val = min(max(1, round(val_fraction * len(idx))), len(idx) - 1) if len(idx) > 1 else 0
+            is_val[rng.choice(idx, n_val, replace=False)] = True
     else:
         n_val = max(1, round(val_fraction * len(data))) if len(data) > 1 else 0
-        is_val = np.zeros(len(data), bool)
         is_val[rng.choice(len(data), n_val, replace=False)] = True
     train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if len(train) == 0:

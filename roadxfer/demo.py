@@ -39,6 +39,39 @@ ROAD_TYPES = ("paved", "unpaved", "trail")
 
 
 @dataclass(frozen=True)
+class Landscape:
+    """Colours (RGB) and clutter of one kind of land; ``None`` keeps the desert's rule."""
+
+    ground: tuple[float, float, float]
+    asphalt: tuple[tuple[float, float, float], ...]  # paved surfaces to choose from (dark asphalt, light concrete)
+    dirt: tuple[float, float, float] | None
+    path: tuple[float, float, float] | None
+    shrub: tuple[float, float, float]
+    shrubs: float = 1.0  # density relative to the desert's
+    shrub_size: tuple[float, float] = (0.6, 2.7)  # crown radius, metres
+    canopy: float = 0.0  # share of trees allowed over roads (their shadows fall on them too)
+    hedges: int = 0  # dark linear clutter (hedgerows, ditches) that is not road
+    tracks: int = 0  # light linear clutter (field edges, dry streams) that is not road
+    buildings: float = 1.0
+
+
+# The demo's scenes are all "desert" (their bytes are fixed by the seed). The others give
+# the pretraining corpus roads that are not always the only dark bands, unpaved roads that
+# are not always the only light lines, and clutter shaped like roads.
+LANDSCAPES = {
+    "desert": Landscape((196, 174, 142), ((72, 72, 76),), None, None, (88, 92, 62)),
+    "grassland": Landscape((104, 128, 70), ((80, 80, 84), (168, 166, 158)), (150, 124, 90), (140, 146, 96), (48, 72, 40),
+                           shrubs=2.0, shrub_size=(1.5, 5.0), canopy=0.3, hedges=3, tracks=2),
+    "forest": Landscape((60, 82, 48), ((118, 118, 116), (84, 84, 88)), (118, 98, 74), (92, 98, 68), (34, 56, 30),
+                        shrubs=8.0, shrub_size=(2.0, 6.0), canopy=0.5, hedges=1, tracks=1, buildings=0.3),
+    "urban": Landscape((150, 148, 140), ((58, 58, 64), (186, 184, 178)), (172, 150, 118), (166, 160, 148), (70, 96, 55),
+                       shrubs=1.0, shrub_size=(1.5, 4.0), canopy=0.2, tracks=2, buildings=4.0),
+    "savanna": Landscape((172, 112, 80), ((70, 70, 72), (150, 146, 140)), (204, 146, 104), (188, 128, 92), (92, 96, 56),
+                         shrubs=1.5, shrub_size=(1.0, 4.0), canopy=0.1, hedges=2, tracks=2),
+}
+
+
+@dataclass(frozen=True)
 class Road:
     kind: str
     line: shapely.LineString  # pixel coordinates (col, row)
@@ -119,14 +152,26 @@ def _roads(rng: np.random.Generator, size: int, kind: str) -> list[Road]:
     return roads
 
 
-def render_scene(seed: int, size: int = 1024, kind: str = "mixed") -> tuple[np.ndarray, list[Road]]:
-    """Render one scene: (3, size, size) uint8 image and its roads in pixel coordinates."""
+def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape: str = "desert", cell: float = CELL) -> tuple[np.ndarray, list[Road]]:
+    """Render one scene: (3, size, size) uint8 image and its roads in pixel coordinates.
+
+    ``landscape`` (one of :data:`LANDSCAPES`) and ``cell`` (metres) vary the look and the
+    scale for a pretraining corpus; the defaults give the demo's desert scenes at 0.3 m.
+    """
     if kind not in ("mixed", "rural"):
         raise ValueError(f"unknown demo scene kind {kind!r}: use 'mixed' or 'rural'")
+    if landscape not in LANDSCAPES:
+        raise ValueError(f"unknown demo landscape {landscape!r}: use one of {sorted(LANDSCAPES)}")
+    if not 0.05 <= cell <= 5.0:
+        raise ValueError(f"demo cell size {cell} m is outside 0.05-5 m")
+    land = LANDSCAPES[landscape]
+    desert = landscape == "desert"
     rng = np.random.default_rng(seed)
+    # Landscape extras draw from their own stream, so desert scenes keep their bytes.
+    lrng = np.random.default_rng([seed, list(LANDSCAPES).index(landscape), int(round(cell * 1000))])
     shape = (size, size)
-    # Ground: sandy base colour that varies per scene, textured at several scales.
-    base = np.array([196, 174, 142], np.float32) + rng.normal(0, 10, 3).astype(np.float32)
+    # Ground: base colour that varies per scene, textured at several scales.
+    base = np.array(land.ground, np.float32) + rng.normal(0, 10, 3).astype(np.float32)
     tex = _noise(rng, shape, (1, 4, 24, 96), (0.35, 0.35, 0.6, 0.8))
     patches = _noise(rng, shape, (40,), (1.0,))
     img = base[:, None, None] + tex[None] * 9.0
@@ -135,18 +180,25 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed") -> tuple[np.n
 
     roads = _roads(rng, size, kind)
     rows, cols = np.mgrid[0:size, 0:size]
+    if not desert:  # linear clutter that is not road: hedgerows and ditches (dark), field edges (light)
+        for n, colour, width in ((land.hedges, np.array(land.shrub, np.float32), (1.5, 4.0)), (land.tracks, np.minimum(base * 1.15 + 10, 250), (0.8, 2.0))):
+            for _ in range(n):
+                line = _meander(lrng, _smooth_path(lrng, size, 4, 150 * size / 1024), 3.0, 40)
+                a = np.clip((lrng.uniform(*width) / cell / 2 - _distance(line, shape)) / 1.5 + 0.5, 0, 1) * lrng.uniform(0.4, 0.8)
+                img = img * (1 - a[None]) + colour[:, None, None] * a[None]
     for road in sorted(roads, key=lambda r: ROAD_TYPES.index(r.kind), reverse=True):  # paved drawn last, on top
         dist = _distance(road.line, shape)
-        half = road.width_m / CELL / 2
+        half = road.width_m / cell / 2
         if road.kind == "paved":
             edge = np.clip(half + 0.5 - dist, 0, 1)
-            asphalt = np.array([72, 72, 76], np.float32) + rng.normal(0, 6)
+            surface = np.array(land.asphalt[0] if desert else land.asphalt[lrng.integers(len(land.asphalt))], np.float32)
+            asphalt = surface + rng.normal(0, 6)
             colour = asphalt[:, None, None] + tex[None] * 3.0
             img = img * (1 - edge[None]) + colour * edge[None]
             shoulder = np.clip(1 - np.abs(dist - half - 2) / 2, 0, 1) * 0.25  # dust on the verge
             img = img * (1 - shoulder[None]) + np.array([210, 195, 170], np.float32)[:, None, None] * shoulder[None]
             if rng.random() < 0.8:  # dashed centre line: 3 m on, 9 m off
-                dashes = [ops.substring(road.line, d, d + 3 / CELL) for d in np.arange(0, road.line.length, 12 / CELL)]
+                dashes = [ops.substring(road.line, d, d + 3 / cell) for d in np.arange(0, road.line.length, 12 / cell)]
                 dash_d = _distance(shapely.MultiLineString([d for d in dashes if d.length > 0]), shape)
                 paint = np.clip(0.9 - dash_d, 0, 1) * edge
                 colour = np.array([235, 210, 90] if rng.random() < 0.5 else [235, 235, 230], np.float32)
@@ -154,51 +206,60 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed") -> tuple[np.n
         elif road.kind == "unpaved":
             ragged = half + 1.5 * _noise(rng, shape, (6,), (1.0,))
             alpha = np.clip((ragged - dist) / 2.5 + 0.5, 0, 1) * 0.85
-            dirt = base * 1.09 + np.array([8, 8, 10], np.float32)
+            dirt = base * 1.09 + np.array([8, 8, 10], np.float32) if desert else np.array(land.dirt, np.float32) + lrng.normal(0, 8, 3).astype(np.float32)
             img = img * (1 - alpha[None]) + np.minimum(dirt, 250)[:, None, None] * alpha[None]
             for side in (-1, 1):  # tyre tracks, about 1.7 m apart
-                track = road.line.offset_curve(side * 0.85 / CELL)
+                track = road.line.offset_curve(side * 0.85 / cell)
                 if track.is_empty:
                     continue
                 td = _distance(track, shape)
                 a = np.clip(1.2 - td / 1.2, 0, 1) * 0.35 * alpha / 0.85
-                img = img * (1 - a[None]) + (base * 0.82)[:, None, None] * a[None]
+                img = img * (1 - a[None]) + ((base if desert else dirt) * 0.82)[:, None, None] * a[None]
         else:
             ragged = half + 0.6 * _noise(rng, shape, (3,), (1.0,))
             alpha = np.clip((ragged - dist) / 1.5 + 0.5, 0, 1) * 0.55
-            path = np.minimum(base * 1.12 + 6, 252)
+            path = np.minimum(base * 1.12 + 6, 252) if desert else np.array(land.path, np.float32) + lrng.normal(0, 6, 3).astype(np.float32)
             img = img * (1 - alpha[None]) + path[:, None, None] * alpha[None]
 
     road_mask = np.zeros(shape, bool)
     for road in roads:
-        road_mask |= _distance(road.line, shape) < road.width_m / CELL / 2 + 4
+        road_mask |= _distance(road.line, shape) < road.width_m / cell / 2 + 4
 
-    # Shrubs: dark olive blobs with shadows, avoiding the roads.
-    n_shrubs = int(rng.integers(120, 260) * (size / 1024) ** 2)
+    # Shrubs or trees: dark blobs with shadows, mostly avoiding the roads.
+    n_shrubs = int(rng.integers(120, 260) * (size / 1024) ** 2 * land.shrubs * (CELL / cell) ** 2)
+    # float64 once a crown is drawn (the demo scenes' bytes depend on it), float32 before.
     shrub = np.zeros(shape, np.float32)
     shadow = np.zeros(shape, np.float32)
+    r_lo, r_hi = land.shrub_size[0] / cell, land.shrub_size[1] / cell
     for _ in range(n_shrubs):
         r0, c0 = rng.uniform(0, size, 2)
-        rad = rng.uniform(2, 9)
-        if road_mask[int(r0), int(c0)]:
+        rad = rng.uniform(2, 9) if desert else lrng.uniform(r_lo, r_hi)
+        if road_mask[int(r0), int(c0)] and (desert or lrng.random() >= land.canopy):
             continue
-        d = np.hypot(rows - r0, cols - c0)
-        shrub = np.maximum(shrub, np.clip(rad - d, 0, 1))
-        ds = np.hypot(rows - r0 - SUN[1] * rad, cols - c0 - SUN[0] * rad)
-        shadow = np.maximum(shadow, np.clip(rad * 0.9 - ds, 0, 1))
+        # The desert draws on the whole grid (its bytes stay as they were); the others, with
+        # many more trees, only around the crown.
+        y0, y1 = (0, size) if desert else (max(int(r0 - 2 * rad - 2), 0), min(int(r0 + 2 * rad + 3), size))
+        x0, x1 = (0, size) if desert else (max(int(c0 - 2 * rad - 2), 0), min(int(c0 + 2 * rad + 3), size))
+        if shrub.dtype != np.float64:
+            shrub, shadow = shrub.astype(np.float64), shadow.astype(np.float64)
+        rr, cc = rows[y0:y1, x0:x1], cols[y0:y1, x0:x1]
+        d = np.hypot(rr - r0, cc - c0)
+        shrub[y0:y1, x0:x1] = np.maximum(shrub[y0:y1, x0:x1], np.clip(rad - d, 0, 1))
+        ds = np.hypot(rr - r0 - SUN[1] * rad, cc - c0 - SUN[0] * rad)
+        shadow[y0:y1, x0:x1] = np.maximum(shadow[y0:y1, x0:x1], np.clip(rad * 0.9 - ds, 0, 1))
     img = img * (1 - 0.45 * shadow[None])
-    shrub_col = np.array([88, 92, 62], np.float32)[:, None, None] + tex[None] * 10
+    shrub_col = np.array(land.shrub, np.float32)[:, None, None] + tex[None] * 10
     img = img * (1 - shrub[None]) + shrub_col * shrub[None]
 
     # Buildings (mixed scenes only): rectangles with bright or tiled roofs and cast shadows.
     if kind == "mixed":
-        for _ in range(int(rng.integers(3, 9) * (size / 1024) ** 2) + 1):
-            h, w = rng.uniform(30, 70, 2)
+        for _ in range(int(rng.integers(3, 9) * (size / 1024) ** 2 * land.buildings * (CELL / cell) ** 2) + 1):
+            h, w = rng.uniform(30, 70, 2) * (CELL / cell)
             r0, c0 = rng.uniform(h, size - h), rng.uniform(w, size - w)
             box = (np.abs(rows - r0) < h / 2) & (np.abs(cols - c0) < w / 2)
             if (box & road_mask).any():
                 continue
-            off = rng.uniform(6, 14)
+            off = rng.uniform(6, 14) * (CELL / cell)
             sbox = (np.abs(rows - r0 - SUN[1] * off) < h / 2) & (np.abs(cols - c0 - SUN[0] * off) < w / 2) & ~box
             img[:, sbox] *= 0.55
             roof = np.array([[225, 222, 215], [170, 95, 70], [140, 140, 145]][rng.integers(0, 3)], np.float32)
@@ -206,16 +267,21 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed") -> tuple[np.n
 
     img = ndimage.gaussian_filter(img, (0, 0.6, 0.6))  # sensor blur
     gain = rng.uniform(0.92, 1.08)  # illumination differs between acquisitions
-    img = np.clip(img * gain, 0, 255).round().astype(np.uint8)
+    img = img * gain
+    if not desert:  # haze lifts the dark tones and flattens the contrast
+        haze = lrng.uniform(0.0, 0.35)
+        img = img * (1 - haze) + np.float32(205) * haze
+    img = np.clip(img, 0, 255).round().astype(np.uint8)
     visible = [r for r in roads if not shapely.box(0, 0, size, size).intersection(r.line).is_empty]
     return img, visible
 
 
-def write_scene(seed: int, image_path: str | Path, labels_path: str | Path, *, size: int = 1024, kind: str = "mixed", origin: tuple[float, float] | None = None) -> list[Road]:
+def write_scene(seed: int, image_path: str | Path, labels_path: str | Path, *, size: int = 1024, kind: str = "mixed",
+                origin: tuple[float, float] | None = None, landscape: str = "desert", cell: float = CELL) -> list[Road]:
     """Render a scene and write it as a GeoTIFF plus a GeoPackage of road centrelines."""
-    img, roads = render_scene(seed, size, kind)
+    img, roads = render_scene(seed, size, kind, landscape=landscape, cell=cell)
     x0, y0 = origin if origin is not None else (640_000.0 + (seed % 97) * 500.0, 4_000_000.0 + (seed // 97) * 500.0)
-    transform = from_origin(x0, y0, CELL, CELL)
+    transform = from_origin(x0, y0, cell, cell)
     profile = {**GTIFF_PROFILE, "width": size, "height": size, "count": 3, "dtype": "uint8", "crs": CRS, "transform": transform, "photometric": "RGB"}
     with atomic_path(image_path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:

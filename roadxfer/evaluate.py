@@ -12,6 +12,7 @@ with the reference polylines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -322,8 +323,13 @@ def evaluate_scene(
     return result
 
 
-def aggregate(results: Sequence[str | Path], out_scenes: str | Path, out_summary: str | Path) -> pd.DataFrame:
-    """Per-scene table and a summary per model and road type (counts summed over scenes, APLS averaged)."""
+def aggregate(results: Sequence[str | Path], out_scenes: str | Path, out_summary: str | Path, *,
+              out_retention: str | Path | None = None, retention_scenes: Sequence[str] = ()) -> pd.DataFrame:
+    """Per-scene table and a summary per model and road type (counts summed over scenes, APLS averaged).
+
+    ``retention_scenes`` (the pretrained model's domain) are summed apart into
+    ``out_retention`` and left out of the summary, which is about the test scenes.
+    """
     rows, apls_rows = [], []
     for path in results:
         r = json.loads(Path(path).read_text())
@@ -334,13 +340,22 @@ def aggregate(results: Sequence[str | Path], out_scenes: str | Path, out_summary
     if apls_rows:
         a = pd.DataFrame(apls_rows)
         per_scene = per_scene.merge(a.assign(road_type="all"), on=["scene", "model", "road_type"], how="left")
+    retained = per_scene["scene"].isin(list(retention_scenes))
+    summary = _summarise(per_scene[~retained], [r for r in apls_rows if r["scene"] not in retention_scenes])
+    outputs = [(out_scenes, per_scene), (out_summary, summary)]
+    if out_retention is not None:
+        retention = _summarise(per_scene[retained], [r for r in apls_rows if r["scene"] in retention_scenes]) if retained.any() else pd.DataFrame(columns=summary.columns)
+        outputs.append((out_retention, retention))
+    with contextlib.ExitStack() as stack:  # the tables are committed together
+        for path, df in outputs:
+            df.to_csv(stack.enter_context(atomic_path(path)), index=False, float_format="%.4f")
+    return summary
+
+
+def _summarise(per_scene: pd.DataFrame, apls_rows: list[dict[str, Any]]) -> pd.DataFrame:
     summed = per_scene.groupby(["model", "road_type"], sort=False)[list(COUNT_KEYS)].sum().reset_index()
-    summary = pd.concat([summed, pd.DataFrame([ratios(r) for r in summed.to_dict("records")])], axis=1)
+    summary = pd.concat([summed, pd.DataFrame([ratios(r) for r in summed.to_dict("records")], index=summed.index)], axis=1)
     if apls_rows:
         mean_apls = pd.DataFrame(apls_rows).groupby("model")["apls"].mean()
         summary["apls"] = [mean_apls.get(m) if t == "all" else np.nan for m, t in zip(summary["model"], summary["road_type"])]
-    with atomic_path(out_scenes) as tmp:
-        per_scene.to_csv(tmp, index=False, float_format="%.4f")
-    with atomic_path(out_summary) as tmp:
-        summary.to_csv(tmp, index=False, float_format="%.4f")
     return summary

@@ -120,11 +120,12 @@ def _table(df: pd.DataFrame, cls: str = "") -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", classes=cls, border=0)
 
 
-def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | None) -> pd.DataFrame:
-    """The demo's acceptance targets, checked on the summary table.
+def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | None, retention: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The demo's acceptance targets, checked on the summary table (and the retention table).
 
     Transfer vs scratch is shown on pixel F1, recall (the headline: reference labels may be
-    incomplete, so precision needs care) and relaxed F1.
+    incomplete, so precision needs care) and relaxed F1. Retention: paved F1 on scenes of
+    the pretrained model's own domain, which the transfer should keep.
     """
     table = summary.set_index(["model", "road_type"])
     rows = []
@@ -142,6 +143,11 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
                     rows.append({"check": f"{t}: transfer {name} > scratch {name}", "value": f"{a:.3f} vs {b:.3f}", "pass": a > b})
     if (baseline, "paved") in table.index:
         rows.append({"check": "paved: transfer F1 >= base F1 - 0.03", "value": f"{get(transfer, 'paved'):.3f} vs {get(baseline, 'paved'):.3f}", "pass": get(transfer, "paved") >= get(baseline, "paved") - 0.03})
+    if retention is not None and len(retention):
+        kept = retention.set_index(["model", "road_type"])["f1"]
+        if (baseline, "all") in kept.index and (transfer, "all") in kept.index:
+            a, b = float(kept[(transfer, "all")]), float(kept[(baseline, "all")])
+            rows.append({"check": "retention: transfer F1 >= base F1 - 0.03 on the base domain's scenes", "value": f"{a:.3f} vs {b:.3f}", "pass": a >= b - 0.03})
     return pd.DataFrame(rows)
 
 
@@ -189,6 +195,7 @@ def write_report(
     config: Mapping[str, Any],
     scene_sheet: str | Path,
     items: Mapping[str, str | Path] | None = None,
+    retention_csv: str | Path | None = None,
 ) -> None:
     """Write the report; every image is inlined, so the single file can be mailed or archived.
 
@@ -199,6 +206,9 @@ def write_report(
     files: dict[str, bytes] = {}  # item path -> content, written with the HTML
     summary = pd.read_csv(summary_csv)
     per_scene = pd.read_csv(scenes_csv)
+    retention = pd.read_csv(retention_csv) if retention_csv else None
+    retained = sorted(set(per_scene["scene"]) - set(test_scenes)) if retention is not None and len(retention) else []
+    per_scene = per_scene[per_scene["scene"].isin(list(test_scenes))]
     ev = config.get("evaluation", {})
     baseline, transfer, control = ev.get("baseline", "base"), ev.get("transfer", "transfer"), ev.get("control")
     names = list(models)
@@ -208,7 +218,7 @@ def write_report(
              f"<p>Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by roadxfer {__version__}, code <code>{html.escape(code_version())}</code>. "
              f"Models: {', '.join(names)}. Test scenes: {', '.join(test_scenes)}.</p>"]
     if baseline in names and transfer in names:
-        t = targets(summary, baseline, transfer, control if control in names else None)
+        t = targets(summary, baseline, transfer, control if control in names else None, retention)
         if len(t):
             files["targets"] = t.to_csv(index=False).encode()
             t["pass"] = ["<span class='pass'>yes</span>" if p else "<span class='fail'>no</span>" for p in t["pass"]]
@@ -218,6 +228,11 @@ def write_report(
               f"Relaxed metrics accept a match within {ev.get('relaxed_pixels', 3)} px. APLS compares predicted centrelines with the reference polylines (average over scenes).</p>",
               _table(summary[[c for c in cols if c in summary]]), f"<img alt='bar charts' src='{_uri(files.setdefault('charts', bar_charts(summary, names)))}'>",
               "<h3>Per scene</h3>", _table(per_scene[[c for c in cols + ['scene'] if c in per_scene]])]
+    if retained:
+        parts += ["<h2>Retention: the pretrained model's domain</h2>",
+                  f"<p>Scenes of the base model's own kind ({', '.join(map(html.escape, retained))}; only their base road type is labelled), "
+                  "classified by every model: what the transfer model keeps of what the base model found.</p>",
+                  _table(retention[[c for c in cols if c in retention]])]
     if baseline in names and transfer in names:
         parts.append("<h2>Before and after</h2>")
         for scene, image in test_scenes.items():

@@ -10,7 +10,9 @@ import pandas as pd
 from .errors import InputError
 
 TRAINING_ROLES = ("base", "transfer")
-LABELLED_ROLES = ("base", "transfer", "test")
+# retention: scenes of the pretrained model's domain (its road type labelled), classified and
+# evaluated apart from the test scenes to show what a transfer model keeps.
+LABELLED_ROLES = ("base", "transfer", "test", "retention")
 
 
 def read_sheet(path: str | Path) -> pd.DataFrame:

@@ -52,6 +52,7 @@ class TrainConfig:
     val_split: str = "auto"  # auto | tile | scene
     seed: int = 42
     orientation_weight: float = 1.0
+    direction_weight: float = 1.0  # extra cross-entropy of the direction bins on road pixels only
     dice_weight: float = 1.0
     freeze: bool = False
     unfreeze_after: int | None = None
@@ -63,6 +64,7 @@ class TrainConfig:
     stage_tiles: bool = False  # copy the tile folders to node-local $TMPDIR before reading them
     keep_pretrained: bool = False  # keep what the pretrained model finds: its confident roads become labels
     keep_threshold: float = 0.5
+    rehearsal_fraction: float = 0.25  # with rehearsal datasets: their share of the tiles of each epoch
     reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
 
     @classmethod
@@ -89,8 +91,24 @@ def set_threads(threads: int) -> int:
     return min(8, threads // 4)
 
 
-def seg_orient_loss(seg_logits: torch.Tensor, ori_logp: torch.Tensor, seg_t: torch.Tensor, ori_t: torch.Tensor, *, orientation_weight: float, dice_weight: float) -> torch.Tensor:
-    """Cross-entropy + soft Dice (road vs background) + weighted orientation cross-entropy; ignore pixels count in none.
+def direction_loss(ori_logp: torch.Tensor, ori_t: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the direction bins on road pixels only (targets 1..k; 0 and ignore left out).
+
+    The full orientation cross-entropy is dominated by the "no road" class (most pixels),
+    which the road mask already learns; on few tiles it leaves the directions at chance.
+    This term renormalises over the bins and counts road pixels alone.
+    """
+    road = (ori_t > 0) & (ori_t != IGNORE_VALUE)
+    if not road.any():
+        return ori_logp.sum() * 0.0
+    bins = ori_logp[:, 1:]
+    logp = bins - torch.logsumexp(bins, 1, keepdim=True)
+    return F.nll_loss(logp.permute(0, 2, 3, 1)[road], ori_t[road] - 1)
+
+
+def seg_orient_loss(seg_logits: torch.Tensor, ori_logp: torch.Tensor, seg_t: torch.Tensor, ori_t: torch.Tensor, *, orientation_weight: float, dice_weight: float, direction_weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy + soft Dice (road vs background) + weighted orientation cross-entropy
+    (+ the direction term on road pixels); ignore pixels count in none.
 
     ``ori_logp``: undirected orientation log-probabilities and ``ori_t`` the targets in the
     same classes (:func:`orientation_io`).
@@ -108,7 +126,21 @@ def seg_orient_loss(seg_logits: torch.Tensor, ori_logp: torch.Tensor, seg_t: tor
         loss = loss + dice_weight * dice
     if orientation_weight and (ori_t != IGNORE_VALUE).any():
         loss = loss + orientation_weight * F.nll_loss(ori_logp, ori_t, ignore_index=IGNORE_VALUE)
+    if direction_weight:
+        loss = loss + direction_weight * direction_loss(ori_logp, ori_t)
     return loss
+
+
+def direction_hits(ori_logp: torch.Tensor, ori_t: torch.Tensor) -> tuple[int, int, int]:
+    """(exact, within one bin, road pixels): the most probable direction bin against the target's.
+
+    Bins wrap around (the last bin's neighbour is the first: 180 degrees is 0).
+    """
+    road = (ori_t > 0) & (ori_t != IGNORE_VALUE)
+    k = ori_logp.shape[1] - 1
+    diff = ((ori_logp[:, 1:].argmax(1) + 1) - ori_t).abs() % k
+    diff = torch.minimum(diff, k - diff)[road]
+    return int((diff == 0).sum()), int((diff <= 1).sum()), int(road.sum())
 
 
 def _digest(obj: Any) -> str:
@@ -145,23 +177,24 @@ def make_optimizer(model: MultiTaskRoadModel, cfg: TrainConfig, *, encoder_train
 @torch.no_grad()
 def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, device: torch.device, cfg: TrainConfig) -> dict[str, float]:
     model.eval()
-    inter = union = ori_ok = ori_n = 0
+    inter = union = ori_ok = ori_near = ori_n = 0
     total, batches = 0.0, 0
     for img, seg_t, ori_t in loader:
         img, seg_t, ori_t = img.to(device), seg_t.to(device), ori_t.to(device)
         seg, ori = model(_normalise(img, model))
         ori, ori_t = orientation_io(model, ori, ori_t)
-        total += float(seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight))
+        total += float(seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight))
         batches += 1
         valid = seg_t != IGNORE_VALUE
         pred, true = (seg.argmax(1) > 0) & valid, (seg_t > 0) & valid
         inter += int((pred & true).sum())
         union += int((pred | true).sum())
-        road = (ori_t > 0) & (ori_t != IGNORE_VALUE)
         # Direction accuracy on road pixels: the most probable bin, not the "no road" channel.
-        ori_ok += int(((ori[:, 1:].argmax(1) + 1)[road] == ori_t[road]).sum())
-        ori_n += int(road.sum())
-    return {"val_loss": total / max(batches, 1), "val_road_iou": inter / union if union else 0.0, "val_orient_acc": ori_ok / ori_n if ori_n else float("nan")}
+        ok, near, n = direction_hits(ori, ori_t)
+        ori_ok, ori_near, ori_n = ori_ok + ok, ori_near + near, ori_n + n
+    nan = float("nan")
+    return {"val_loss": total / max(batches, 1), "val_road_iou": inter / union if union else 0.0,
+            "val_orient_acc": ori_ok / ori_n if ori_n else nan, "val_orient_acc1": ori_near / ori_n if ori_n else nan}
 
 
 def amp_dtype(dev: torch.device) -> torch.dtype | None:
@@ -184,12 +217,42 @@ def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scal
     with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         seg, ori = model(_normalise(img, model))
         ori, ori_t = orientation_io(model, ori, ori_t)
-        loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight)
+        loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return float(loss.detach())
+
+
+def rehearsal_count(n_new: int, n_old: int, fraction: float) -> int:
+    """Rehearsal tiles per epoch so that they make ``fraction`` of it (at most all of them)."""
+    if not n_old or fraction <= 0:
+        return 0
+    return min(n_old, round(n_new * fraction / (1 - fraction)))
+
+
+def epoch_indexes(train_idx: np.ndarray, rehearsal_idx: np.ndarray, fraction: float, *, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's tiles: every training tile plus a fresh, seeded draw of rehearsal tiles."""
+    k = rehearsal_count(len(train_idx), len(rehearsal_idx), fraction)
+    if not k:
+        return train_idx
+    rng = np.random.default_rng([seed, epoch, 7])
+    return np.concatenate([train_idx, np.sort(rng.choice(rehearsal_idx, k, replace=False))])
+
+
+def append_tiles(data: TileData, more: TileData) -> np.ndarray:
+    """Append ``more``'s tiles to ``data`` in place (scenes renumbered); returns their indexes."""
+    if (more.tile_size, more.bands) != (data.tile_size, data.bands):
+        raise InputError(more.sources[0], f"rehearsal tiles are {more.bands}-band {more.tile_size} px, the training tiles {data.bands}-band {data.tile_size} px",
+                         "export the rehearsal scenes with the same tile_size and bands")
+    start = len(data)
+    data.images = np.concatenate([data.images, more.images])
+    data.seg = np.concatenate([data.seg, more.seg])
+    data.orient = np.concatenate([data.orient, more.orient])
+    data.scene = np.concatenate([data.scene, more.scene + len(data.scenes)])
+    data.scenes = [*data.scenes, *more.scenes]
+    return np.arange(start, len(data))
 
 
 @torch.no_grad()
@@ -275,8 +338,14 @@ def train(
     workdir: str | Path | None = None,
     threads: int = 1,
     device: str | None = None,
+    rehearsal: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Train one model and write its package; returns the best validation metrics."""
+    """Train one model and write its package; returns the best validation metrics.
+
+    ``rehearsal``: tile folders of the pretrained model's own domain (e.g. its training
+    tiles); ``cfg.rehearsal_fraction`` of each epoch's tiles are drawn from them, so the
+    new model keeps seeing the old roads (against forgetting). They are never validated on.
+    """
     workers = set_threads(threads)
     dev = pick_device(device)
     with stage(datasets, cfg.stage_tiles) as local:
@@ -324,6 +393,16 @@ def train(
     _attach_io(model, mean, std, cfg.orientation_bin_size, dev)
 
     train_idx, val_idx = split(data, val_fraction=cfg.val_fraction, mode=cfg.val_split, seed=cfg.seed)
+    rehearsal_idx, rehearsal_record = np.zeros(0, np.int64), None
+    if rehearsal:
+        with stage(rehearsal, cfg.stage_tiles) as local:
+            old = load_tiles(local, classes, orientation_bin_size=cfg.orientation_bin_size)
+        old.sources = [str(d) for d in rehearsal]
+        rehearsal_idx = append_tiles(data, old)
+        rehearsal_record = {"sources": old.sources, "scenes": old.scenes, "tiles": len(old), "fraction": cfg.rehearsal_fraction}
+        log.info("rehearsal: %d tile(s) of the pretrained domain from %d folder(s); %d of each epoch's %d tiles drawn from them",
+                 len(old), len(rehearsal), rehearsal_count(len(train_idx), len(rehearsal_idx), cfg.rehearsal_fraction),
+                 len(train_idx) + rehearsal_count(len(train_idx), len(rehearsal_idx), cfg.rehearsal_fraction))
     aug = Augment(**cfg.augment)
     train_set = TrainSet(data, train_idx, aug, cfg.orientation_bin_size, cfg.seed)
     val_set = TrainSet(data, val_idx, None, cfg.orientation_bin_size, cfg.seed)
@@ -368,6 +447,7 @@ def train(
             log.info("epoch %d: encoder unfrozen, lr x%g for it", epoch + 1, cfg.unfreeze_lr_factor)
         t0 = time.perf_counter()
         train_set.epoch = epoch
+        train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
         model.train()
@@ -375,7 +455,7 @@ def train(
         for batch in loader:
             total += train_step(model, optimizer, scaler, batch, dev, cfg) * len(batch[0])
             n += len(batch[0])
-        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan")})}
+        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan"), "val_orient_acc1": float("nan")})}
         metrics["seconds"] = time.perf_counter() - t0
         metrics["encoder_frozen"] = frozen_now
         history.append(metrics)
@@ -386,8 +466,8 @@ def train(
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             bad += 1
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f  %.1fs (%.1f tiles/s)%s",
-                 epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f (within one bin %.3f)  %.1fs (%.1f tiles/s)%s",
+                 epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["val_orient_acc1"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
         with atomic_path(ckpt_path) as tmp:
             torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
                         "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()}}, tmp)
@@ -401,7 +481,8 @@ def train(
     bin_size = 360 // spec.orientation_bins if spec.reference_layout else cfg.orientation_bin_size
     emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=bin_size, mean=mean, std=std,
                     cell_size=data.cell_size, provenance={
-                        "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes, "tiles": len(data), "sha256": data_sha256},
+                        "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes[: len(data.sources)], "tiles": len(data) - len(rehearsal_idx), "sha256": data_sha256},
+                        "rehearsal": rehearsal_record,
                         "radiometry": radiometry,
                         "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
                         "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev)})
@@ -459,6 +540,7 @@ def _write_curves(workdir: Path, history: list[dict[str, Any]]) -> dict[str, Pat
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
     b.plot(ep, [m["val_road_iou"] for m in history], label="road IoU")
     b.plot(ep, [m["val_orient_acc"] for m in history], label="orientation acc.")
+    b.plot(ep, [m.get("val_orient_acc1", float("nan")) for m in history], label="orientation acc. (within one bin)")
     b.set_xlabel("epoch"), b.set_ylim(0, 1), b.legend()
     fig.tight_layout()
     png = workdir / "loss_graph.png"

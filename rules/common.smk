@@ -77,7 +77,7 @@ def all_targets():
     targets += expand(
         "results/classified/{model}/{scene}/classes.tif",
         model=CLASSIFY_MODELS,
-        scene=scenes_with_role("test", "predict"),
+        scene=scenes_with_role("test", "predict", "retention"),
     )
     if scenes_with_role("test") and CLASSIFY_MODELS:
         targets += ["results/evaluation/summary.csv", "results/report/report.html"]
@@ -91,11 +91,11 @@ if _unknown:
     raise InputError(None, f"classify.models names unknown model(s) {_unknown}", f"use names from `models:` ({sorted(MODELS)})")
 
 
-def model_datasets(name):
-    """Tile folders of a model: roles of the scene sheet expand to their scenes' tiles."""
+def model_datasets(name, key="datasets"):
+    """Tile folders of a model (or of its rehearsal): roles of the scene sheet expand to their scenes' tiles."""
     folders = []
-    for entry in MODELS[name]["datasets"]:
-        if entry in ("base", "transfer", "test", "predict"):
+    for entry in MODELS[name].get(key, []):
+        if entry in ("base", "transfer", "test", "predict", "retention"):
             folders += [f"results/tiles/{s}" for s in scenes_with_role(entry)]
         else:
             folders.append(entry)
@@ -123,7 +123,11 @@ def model_pretrained(name):
 
 
 def model_inputs(wildcards):
-    return {"tiles": model_datasets(wildcards.model), "pretrained": model_pretrained(wildcards.model)}
+    return {
+        "tiles": model_datasets(wildcards.model),
+        "pretrained": model_pretrained(wildcards.model),
+        "rehearsal": model_datasets(wildcards.model, "rehearsal"),
+    }
 
 
 def model_training(wildcards):
@@ -178,7 +182,9 @@ def classify_gpu(wildcards):
 
 def evaluation_results(wildcards):
     return expand(
-        "results/evaluation/{model}/{scene}.json", model=CLASSIFY_MODELS, scene=scenes_with_role("test")
+        "results/evaluation/{model}/{scene}.json",
+        model=CLASSIFY_MODELS,
+        scene=scenes_with_role("test", "retention"),
     )
 
 

@@ -34,6 +34,9 @@ rule aggregate_metrics:
     output:
         scenes=report("results/evaluation/metrics_per_scene.csv", caption="../report/per_scene.rst", category="Metrics", labels={"table": "per scene"}),
         summary=report("results/evaluation/summary.csv", caption="../report/summary.rst", category="Metrics", labels={"table": "all test scenes"}),
+        retention="results/evaluation/retention.csv",
+    params:
+        retention=scenes_with_role("retention"),
     log:
         "logs/evaluation/aggregate.log",
     benchmark:
@@ -55,6 +58,7 @@ rule report:
     input:
         summary="results/evaluation/summary.csv",
         scenes="results/evaluation/metrics_per_scene.csv",
+        retention="results/evaluation/retention.csv",
         models=classify_models,
         classified=expand(
             "results/classified/{model}/{scene}/classes.tif",

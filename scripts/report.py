@@ -12,6 +12,7 @@ run_logged(
         sm.output.html,
         summary_csv=sm.input.summary,
         scenes_csv=sm.input.scenes,
+        retention_csv=sm.input.retention,
         models=dict(zip(sm.params.models, sm.input.models)),
         test_scenes=sm.params.test_scenes,
         config=sm.params.config,

@@ -16,5 +16,6 @@ run_logged(
         pretrained=sm.input.pretrained[0] if sm.input.pretrained else None,
         workdir=sm.params.workdir,
         threads=sm.threads,
+        rehearsal=list(sm.input.rehearsal),
     ),
 )

@@ -60,3 +60,33 @@ def test_rural_scenes_have_no_paved_roads():
     assert roads and {r.kind for r in roads} <= {"unpaved", "trail"}
     with pytest.raises(ValueError, match="unknown demo scene kind"):
         render_scene(1, 64, "urban")
+
+
+def test_landscapes_vary_the_look_and_scale(tmp_path):
+    """Other landscapes: light concrete roads occur (paved is not always the dark band), cell size is honoured."""
+    from roadxfer.demo import LANDSCAPES, _distance
+
+    means = set()
+    lighter_paved = 0
+    for i, land in enumerate(sorted(set(LANDSCAPES) - {"desert"})):
+        for seed in (21, 22, 23):
+            img, roads = render_scene(seed, 384, "mixed", landscape=land, cell=0.5)
+            means.add(tuple(np.round(img.reshape(3, -1).mean(1) / 20)))
+            grey = img.mean(0)
+            for road in roads:
+                if road.kind != "paved":
+                    continue
+                d = _distance(road.line, grey.shape)
+                core, ring = grey[d < road.width_m / 0.5 / 2 - 1], grey[(d > road.width_m / 0.5 / 2 + 6) & (d < road.width_m / 0.5 / 2 + 12)]
+                if core.size > 50 and ring.size > 50 and np.median(core) > np.median(ring):
+                    lighter_paved += 1
+    assert len(means) >= 4  # the landscapes' colours differ
+    assert lighter_paved >= 1
+    write_scene(5, tmp_path / "g.tif", tmp_path / "g.gpkg", size=256, landscape="forest", cell=0.45)
+    with rasterio.open(tmp_path / "g.tif") as src:
+        assert src.res == pytest.approx((0.45, 0.45))
+    a, _ = render_scene(5, 256, "mixed", landscape="urban", cell=0.4)
+    b, _ = render_scene(5, 256, "mixed", landscape="urban", cell=0.4)
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="landscape"):
+        render_scene(5, 64, "mixed", landscape="moon")

@@ -248,3 +248,29 @@ def test_reference_lines_that_miss_the_scene_are_named_in_a_warning(tmp_path, ca
     make_raster(tmp_path / "pred.tif", size=(100, 100), count=1, data=np.zeros((1, 100, 100), np.uint8))
     evaluate_scene(image, tmp_path / "pred.tif", lines, labels, tmp_path / "m.json", EvalSettings(road_type_field=None), scene_id="s", model="m")
     assert "none of the 1 reference line(s) of" in caplog.text and "ref.gpkg" in caplog.text and "check the labels' layer and filter" in caplog.text
+
+
+def test_retention_scenes_are_summed_apart(tmp_path):
+    """Scenes of the base domain go to their own table, not into the test summary; the report checks what was kept."""
+    import pandas as pd
+
+    from roadxfer.report import targets
+
+    def write(name, model, tp, fp, fn):
+        row = {"scene": name, "model": model, "road_type": "all", "tp": tp, "fp": fp, "fn": fn, "relaxed_tp_pred": tp, "n_pred": tp + fp, "relaxed_tp_ref": tp, "n_ref": tp + fn}
+        path = tmp_path / f"{model}-{name}.json"
+        path.write_text(json.dumps({"scene": name, "model": model, "rows": [row], "apls": {"apls": 0.5}}))
+        return path
+
+    files = [write("test1", "base", 10, 0, 10), write("old1", "base", 90, 10, 0), write("old1", "transfer", 50, 50, 40), write("test1", "transfer", 20, 0, 0)]
+    summary = aggregate(files, tmp_path / "s.csv", tmp_path / "sum.csv", out_retention=tmp_path / "ret.csv", retention_scenes=["old1"])
+    assert summary.set_index("model").loc["base", "tp"] == 10  # old1 left out of the test summary
+    retention = pd.read_csv(tmp_path / "ret.csv").set_index("model")
+    assert retention.loc["base", "f1"] == pytest.approx(180 / 190, abs=1e-4) and retention.loc["transfer", "f1"] == pytest.approx(100 / 190, abs=1e-4)
+    check = targets(summary, "base", "transfer", None, pd.read_csv(tmp_path / "ret.csv")).set_index("check")
+    assert not check.loc["retention: transfer F1 >= base F1 - 0.03 on the base domain's scenes", "pass"]
+    # No retention scene: an empty table with the summary's columns, and no retention check.
+    aggregate(files[:1], tmp_path / "s.csv", tmp_path / "sum.csv", out_retention=tmp_path / "ret.csv")
+    empty = pd.read_csv(tmp_path / "ret.csv")
+    assert empty.empty and "f1" in empty.columns
+    assert targets(summary, "base", "transfer", None, empty).empty  # no per-type rows here, and no retention check

@@ -264,3 +264,67 @@ def test_tiles_can_be_staged_on_node_local_scratch(tiles, tmp_path, monkeypatch,
     assert list(scratch.iterdir()) == []  # cleaned up after loading
     sources = json.loads((tmp_path / "m" / "m.emd").read_text())["roadxfer"]["training_data"]["sources"]
     assert sources == [str(tiles["base"])]  # provenance names the real data, not the staged copy
+
+
+def test_direction_loss_counts_road_pixels_only():
+    """Known answers: uniform bins cost ln(k) on road pixels; no-road and ignore pixels cost nothing."""
+    from roadxfer.train import direction_hits, direction_loss, seg_orient_loss
+
+    k = 18
+    logp = torch.log_softmax(torch.zeros(1, k + 1, 2, 2), 1)
+    ori_t = torch.tensor([[[0, 255], [3, 5]]])
+    assert float(direction_loss(logp, ori_t)) == pytest.approx(np.log(k), abs=1e-6)
+    assert float(direction_loss(logp, torch.tensor([[[0, 255], [0, 255]]]))) == 0.0
+    # The "no road" channel does not dilute the direction term: all mass on "no road", bins uniform.
+    logits = torch.zeros(1, k + 1, 2, 2)
+    logits[:, 0] = 20.0
+    assert float(direction_loss(torch.log_softmax(logits, 1), ori_t)) == pytest.approx(np.log(k), abs=1e-5)
+    # A confident right answer costs about nothing.
+    logits = torch.full((1, k + 1, 2, 2), -20.0)
+    logits[0, 3, 1, 0] = logits[0, 5, 1, 1] = 20.0
+    assert float(direction_loss(torch.log_softmax(logits, 1), ori_t)) < 1e-6
+    seg = torch.zeros(1, 2, 2, 2)
+    seg_t = torch.tensor([[[0, 255], [1, 1]]])
+    base = seg_orient_loss(seg, logp, seg_t, ori_t, orientation_weight=1.0, dice_weight=0.0)
+    both = seg_orient_loss(seg, logp, seg_t, ori_t, orientation_weight=1.0, dice_weight=0.0, direction_weight=2.0)
+    assert float(both - base) == pytest.approx(2 * np.log(k), abs=1e-5)
+    # Direction hits wrap around: bin 1 and bin 18 are neighbours (0 and 180 degrees).
+    pred = torch.full((1, k + 1, 1, 3), -20.0)
+    pred[0, 18, 0, 0] = pred[0, 2, 0, 1] = pred[0, 9, 0, 2] = 20.0
+    assert direction_hits(pred, torch.tensor([[[1, 1, 1]]])) == (0, 2, 3)
+
+
+def test_validation_split_keeps_a_few_scenes_for_training():
+    """Fewer than five scenes: each scene gives a share of its tiles to validation, none is held out whole."""
+    from roadxfer.data import split
+
+    fake = type("D", (), {"__len__": lambda self: 35, "scene": np.repeat([0, 1, 2], [10, 20, 5]), "scenes": list("abc"), "sources": list("abc")})()
+    train_idx, val_idx = split(fake, val_fraction=0.2, mode="auto", seed=0)
+    assert len(train_idx) + len(val_idx) == 35 and not set(train_idx) & set(val_idx)
+    assert [int((fake.scene[val_idx] == s).sum()) for s in range(3)] == [2, 4, 1]
+    assert set(fake.scene[train_idx]) == {0, 1, 2}
+    five = type("D", (), {"__len__": lambda self: 50, "scene": np.repeat(np.arange(5), 10), "scenes": list("abcde"), "sources": list("abcde")})()
+    _, val5 = split(five, val_fraction=0.2, mode="auto", seed=0)
+    assert len(set(five.scene[val5])) == 1 and len(val5) == 10  # from five scenes up: whole scenes held out
+    _, val_scene = split(fake, val_fraction=0.2, mode="scene", seed=0)
+    assert len(set(fake.scene[val_scene])) == 1
+
+
+def test_rehearsal_mixes_a_share_of_old_tiles_into_each_epoch(tiles, base_package, tmp_path, caplog):
+    """Each epoch holds every new training tile plus a fresh draw of rehearsal tiles making up the configured share."""
+    from roadxfer.train import epoch_indexes, rehearsal_count
+
+    assert rehearsal_count(30, 100, 0.25) == 10 and rehearsal_count(30, 4, 0.5) == 4 and rehearsal_count(30, 100, 0.0) == 0
+    new, old = np.arange(30), np.arange(30, 130)
+    e0, e1 = (epoch_indexes(new, old, 0.25, seed=1, epoch=e) for e in (0, 1))
+    assert set(new) <= set(e0) and len(e0) == 40 and len(set(e0) - set(new)) == 10
+    assert set(e0) != set(e1) and np.array_equal(e0, epoch_indexes(new, old, 0.25, seed=1, epoch=0))
+    out = tmp_path / "rehearsed"
+    with caplog.at_level(logging.INFO, logger="roadxfer.train"):
+        train([tiles["transfer"]], out, TrainConfig(**{**FAST, "epochs": 1, "freeze": True, "rehearsal_fraction": 0.5}), classes=ROAD,
+              pretrained=base_package, threads=1, rehearsal=[tiles["base"]])
+    lineage = json.loads((out / "rehearsed.emd").read_text())["roadxfer"]
+    n_base = len(list((tiles["base"] / "images").iterdir()))
+    assert lineage["rehearsal"] == {"sources": [str(tiles["base"])], "scenes": ["base"], "tiles": n_base, "fraction": 0.5}
+    assert lineage["training_data"]["scenes"] == ["transfer"]
+    assert "rehearsal:" in caplog.text
