@@ -5,6 +5,7 @@
                                 [--rescale auto|none|percentile|minmax|fixed] [--percentiles 2,98] [--low L] [--high H]
     python -m roadxfer classify IMAGE MODEL OUTDIR [--threshold 0.5] [--tta] [--tile-size N] [--rescale ...]
     python -m roadxfer evaluate IMAGE CLASSIFIEDDIR LINES OUT.json [--buffer 2] [--ignore ROW,COL,H,W ...]
+    python -m roadxfer share    MODEL OUTDIR [--float32]   (a trained package to share: float16 weights)
 
 Every step takes --bands 3,2,1 (1-based image bands, in order; default every band but
 the alpha). Imagery that is not 8-bit is rescaled to 8 bits (default: 2-98 percentiles
@@ -99,6 +100,14 @@ def _evaluate(a: argparse.Namespace) -> dict:
     return {"rows": result["rows"], "apls": result.get("apls")}
 
 
+def _share(a: argparse.Namespace) -> dict:
+    from .package import load_package, share_package
+
+    out = share_package(a.model, a.out, half=not a.float32)
+    pkg = load_package(out)
+    return {"package": str(out), "weights_sha256": pkg.weights_sha256, "bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())}
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m roadxfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -146,6 +155,11 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--low", type=_numbers, default=None, help="with fixed: raw values mapped to 0 (one, or one per band)")
             p.add_argument("--high", type=_numbers, default=None, help="with fixed: raw values mapped to 255")
             p.add_argument("--max-clipped", type=float, default=0.5, help="refuse a rescale clipping more than this share of pixels (default 0.5)")
+
+    p = sub.add_parser("share", help="copy a trained package as one to share: float16 weights (half the size), checksummed")
+    p.add_argument("model", help="roadxfer package folder or .emd"), p.add_argument("out", help="package folder to write")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights")
+    p.set_defaults(run=_share)
     return ap
 
 

@@ -117,8 +117,12 @@ def build_emd(name: str, spec: ModelSpec, *, tile_size: int, classes: list[dict[
     }
 
 
-def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, extras: dict[str, Path] | None = None, zip_dlpk: bool = False) -> Path:
+def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, extras: dict[str, Path] | None = None, zip_dlpk: bool = False,
+                  half: bool = False) -> Path:
     """Write a package atomically: a finished package is never replaced by a half-written one.
+
+    ``half``: floating-point weights stored as float16 (half the size, for sharing); they
+    load into a float32 model as usual.
 
     A model of the reference architecture also gets ``arcgis/<name>/`` and
     ``arcgis/<name>.dlpk`` in the reference tool's layout (one road class only: the
@@ -129,6 +133,8 @@ def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, 
     with atomic_path(folder, directory=True) as tmp:
         weights = tmp / f"{name}.pth"
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         torch.save(state, weights)
         if set(torch.load(weights, map_location="cpu", weights_only=True)) != set(state):  # re-read before the commit
             raise OSError(f"{weights}: the weights read back differ from those written")
@@ -149,6 +155,23 @@ def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, 
             archive = shutil.make_archive(str(tmp.parent / f".{name}-dlpk"), "zip", tmp)
             shutil.move(archive, tmp / f"{name}.dlpk")
     return folder
+
+
+def share_package(src: str | Path, dst: str | Path, *, half: bool = True) -> Path:
+    """Copy a trained roadxfer package as one to share: float16 weights, the same model definition.
+
+    The copy records the original weights' sha256 (``roadxfer.shared_from``); its own
+    sha256 is checked on every load like any package's.
+    """
+    pkg = load_package(src)
+    if pkg.reference_emd is not None or pkg.emd.get("Framework") != "roadxfer":
+        raise InputError(pkg.path, "is not a roadxfer package", "share a package trained by roadxfer (the reference tool's packages are shared as they are)")
+    emd = json.loads(json.dumps(pkg.emd))
+    emd["roadxfer"]["shared_from"] = {"name": Path(pkg.path).name, "weights_sha256": pkg.weights_sha256, "dtype": "float16" if half else "float32"}
+    extras = {str(p.relative_to(pkg.path)): p for p in sorted(Path(pkg.path).rglob("*.png"))}
+    write_package(dst, pkg.model, emd, extras=extras, half=half)
+    log.info("wrote %s (%s weights) from %s", dst, "float16" if half else "float32", pkg.path)
+    return Path(dst)
 
 
 def _find_emd(path: Path) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import IGNORE_VALUE, __version__
@@ -208,14 +209,19 @@ def make_scaler(dev: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=amp_dtype(dev) == torch.float16)
 
 
-def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: Sequence[torch.Tensor], dev: torch.device, cfg: TrainConfig) -> float:
-    """One optimiser step on a batch ``(image 0-1, segmentation target, orientation target)``; returns the loss."""
+def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: Sequence[torch.Tensor], dev: torch.device, cfg: TrainConfig,
+               forward: torch.nn.Module | None = None) -> float:
+    """One optimiser step on a batch ``(image 0-1, segmentation target, orientation target)``; returns the loss.
+
+    ``forward``: the module to call (the DistributedDataParallel wrapper of ``model`` when
+    training on several processes).
+    """
     img, seg_t, ori_t = (t.to(dev, non_blocking=True) for t in batch)
     if dev.type == "cuda":
         img = img.contiguous(memory_format=torch.channels_last)
     dtype = amp_dtype(dev)
     with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        seg, ori = model(_normalise(img, model))
+        seg, ori = (forward or model)(_normalise(img, model))
         ori, ori_t = orientation_io(model, ori, ori_t)
         loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight)
     optimizer.zero_grad(set_to_none=True)
@@ -223,6 +229,71 @@ def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scal
     scaler.step(optimizer)
     scaler.update()
     return float(loss.detach())
+
+
+def global_batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Batches of a shuffled epoch, each split across ``world`` processes (this rank's share).
+
+    The order is the one a DataLoader with ``shuffle=True`` and this generator gives, so one
+    process sees the same global batches as ``world`` processes together.
+    """
+    order = torch.randperm(n, generator=generator).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if world == 1:
+        return batches
+    per = batch_size // world
+    return [b[rank * per : (rank + 1) * per] for b in batches]
+
+
+def training_processes(gpus: Any) -> int:
+    """Processes for a job that asked for ``gpus``: one per GPU it sees (N > 1 trains with DDP), else one."""
+    wanted = int(gpus or 0)
+    if wanted <= 1 or not torch.cuda.is_available():
+        return 1
+    return max(1, min(wanted, torch.cuda.device_count()))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, kwargs: dict[str, Any], log_files: list[str]) -> None:
+    """One training process of ``world`` (spawned): joins the group, trains its share, rank 0 writes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fmt = f"%(asctime)s %(levelname)s %(name)s [rank {rank}/{world}]: %(message)s"
+    handlers: list[logging.Handler] = [logging.FileHandler(f, mode="a") for f in log_files] or [logging.StreamHandler()]
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt, handlers=handlers, force=True)
+    cuda = kwargs.get("device") != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        if cuda:
+            torch.cuda.set_device(rank)
+        kwargs = {**kwargs, "device": f"cuda:{rank}" if cuda else "cpu", "threads": max(1, kwargs.get("threads", 1) // world)}
+        train(**kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(processes: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Train with ``processes`` DistributedDataParallel processes (one per GPU) inside this job."""
+    cfg: TrainConfig = kwargs["cfg"]
+    if cfg.batch_size % processes:
+        raise InputError(None, f"training.batch_size {cfg.batch_size} does not split over {processes} processes", f"use a batch_size divisible by {processes} (it is the global batch)")
+    log_files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    log.info("training on %d processes (DistributedDataParallel, global batch %d = %d per process)", processes, cfg.batch_size, cfg.batch_size // processes)
+    torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), kwargs, log_files), nprocs=processes, join=True)
+    emd = json.loads((Path(kwargs["out_package"]) / f"{Path(kwargs['out_package']).name}.emd").read_text())
+    return emd["roadxfer"]["best"]
 
 
 def rehearsal_count(n_new: int, n_old: int, fraction: float) -> int:
@@ -339,13 +410,22 @@ def train(
     threads: int = 1,
     device: str | None = None,
     rehearsal: Sequence[str | Path] = (),
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Train one model and write its package; returns the best validation metrics.
 
     ``rehearsal``: tile folders of the pretrained model's own domain (e.g. its training
     tiles); ``cfg.rehearsal_fraction`` of each epoch's tiles are drawn from them, so the
     new model keeps seeing the old roads (against forgetting). They are never validated on.
+
+    ``processes`` > 1: DistributedDataParallel, one process per GPU (gloo on the CPU), started
+    here; ``cfg.batch_size`` is the global batch. Rank 0 writes checkpoints and the package.
     """
+    if processes > 1 and not _distributed():
+        return _spawn(processes, {"datasets": list(datasets), "out_package": out_package, "cfg": cfg, "classes": list(classes), "pretrained": pretrained,
+                                  "workdir": workdir, "threads": threads, "device": device, "rehearsal": list(rehearsal)})
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    lead = rank == 0
     workers = set_threads(threads)
     dev = pick_device(device)
     with stage(datasets, cfg.stage_tiles) as local:
@@ -406,7 +486,9 @@ def train(
     aug = Augment(**cfg.augment)
     train_set = TrainSet(data, train_idx, aug, cfg.orientation_bin_size, cfg.seed)
     val_set = TrainSet(data, val_idx, None, cfg.orientation_bin_size, cfg.seed)
-    drop_last = len(train_set) > cfg.batch_size
+    drop_last = len(train_set) > cfg.batch_size or world > 1  # every process needs its share of every batch
+    if world > 1 and len(train_set) < cfg.batch_size:
+        raise InputError(data.sources[0], f"{len(train_set)} training tiles do not fill one global batch of {cfg.batch_size} for {world} processes", "train on one process or add data")
     loader_kw = {"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": workers > 0}
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, **loader_kw)
 
@@ -435,6 +517,7 @@ def train(
         torch.set_rng_state(ckpt["rng"]["torch"])
 
     scaler = make_scaler(dev)
+    net = _parallel(model, world, dev)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("training %s/%s on %s: %d train / %d val tiles, %d trainable parameters, encoder %s", cfg.arch, cfg.backbone, dev, len(train_idx), len(val_idx), n_params, "frozen" if frozen_now else "trainable")
 
@@ -444,17 +527,25 @@ def train(
             frozen_now = False
             model.freeze_encoder(False)
             optimizer = make_optimizer(model, cfg, encoder_trainable=True)
+            net = _parallel(model, world, dev)  # DDP registers the parameters that need gradients when it is built
             log.info("epoch %d: encoder unfrozen, lr x%g for it", epoch + 1, cfg.unfreeze_lr_factor)
         t0 = time.perf_counter()
         train_set.epoch = epoch
         train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
+        batches = global_batches(len(train_set), cfg.batch_size, gen, drop_last=drop_last, rank=rank, world=world)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw)
         model.train()
         total, n = 0.0, 0
         for batch in loader:
-            total += train_step(model, optimizer, scaler, batch, dev, cfg) * len(batch[0])
+            total += train_step(model, optimizer, scaler, batch, dev, cfg, forward=net) * len(batch[0])
             n += len(batch[0])
+        if world > 1:
+            sums = torch.tensor([total, n], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total, n = float(sums[0]), int(sums[1])
+            for b in model.buffers():  # BatchNorm statistics as rank 0 has them: every rank validates the same model
+                dist.broadcast(b, 0)
         metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan"), "val_orient_acc1": float("nan")})}
         metrics["seconds"] = time.perf_counter() - t0
         metrics["encoder_frozen"] = frozen_now
@@ -468,9 +559,12 @@ def train(
             bad += 1
         log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f (within one bin %.3f)  %.1fs (%.1f tiles/s)%s",
                  epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["val_orient_acc1"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
-        with atomic_path(ckpt_path) as tmp:
-            torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
-                        "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()}}, tmp)
+        if lead:
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
+                            "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()}}, tmp)
+        if world > 1:
+            dist.barrier()
         if cfg.patience and bad >= cfg.patience:
             log.info("early stop: validation road IoU did not improve for %d epochs", cfg.patience)
             stopped_early = True
@@ -478,6 +572,8 @@ def train(
 
     model.load_state_dict(best_state)
     best_metrics = max(history, key=lambda m: m["val_road_iou"] if len(val_idx) else -m["train_loss"])
+    if not lead:  # rank 0 writes the package
+        return best_metrics
     bin_size = 360 // spec.orientation_bins if spec.reference_layout else cfg.orientation_bin_size
     emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=bin_size, mean=mean, std=std,
                     cell_size=data.cell_size, provenance={
@@ -485,12 +581,21 @@ def train(
                         "rehearsal": rehearsal_record,
                         "radiometry": radiometry,
                         "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
-                        "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev)})
+                        "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev), "processes": world})
     extras = _write_curves(workdir, history)
     write_package(out_package, model, emd, extras=extras, zip_dlpk=cfg.zip_dlpk)
     shutil.rmtree(workdir, ignore_errors=True)
     log.info("wrote %s (best epoch %d, val road IoU %.4f)", out_package, best_metrics["epoch"], best_metrics["val_road_iou"])
     return best_metrics
+
+
+def _parallel(model: torch.nn.Module, world: int, dev: torch.device) -> torch.nn.Module:
+    """The module to call in training: ``model`` itself, or its DDP wrapper on several processes."""
+    if world == 1:
+        return model
+    if dev.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs CUDA; same parameters, same state-dict keys)
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.glue import run_logged  # noqa: E402
-from roadxfer.train import TrainConfig, train  # noqa: E402
+from roadxfer.train import TrainConfig, train, training_processes  # noqa: E402
 
 sm = snakemake  # noqa: F821
 run_logged(
@@ -17,5 +17,6 @@ run_logged(
         workdir=sm.params.workdir,
         threads=sm.threads,
         rehearsal=list(sm.input.rehearsal),
+        processes=training_processes(sm.resources.get("gpu", 0)),
     ),
 )
