@@ -67,7 +67,11 @@ def res(family, key, default):
 
 
 def container_for(family):
-    return config["containers"].get(family, f"containers/roadxfer-{family}.sif")
+    """The family's image: a URI as given, a relative .sif path from the workflow's folder (any working directory)."""
+    image = config["containers"].get(family, f"containers/roadxfer-{family}.sif")
+    if "://" in image or Path(image).is_absolute():
+        return image
+    return str(Path(workflow.basedir) / image)
 
 
 def all_targets():
