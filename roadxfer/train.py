@@ -428,9 +428,7 @@ def train(
     lead = rank == 0
     workers = set_threads(threads)
     dev = pick_device(device)
-    with stage(datasets, cfg.stage_tiles) as local:
-        data = load_tiles(local, classes, orientation_bin_size=cfg.orientation_bin_size)
-    data.sources = [str(d) for d in datasets]
+    data = _read_tiles(datasets, classes, cfg)
     radiometry = training_record(data.radiometry, data.sources, data.source_bands)  # datasets rescaled alike, checked before training
     pkg = load_package(pretrained) if pretrained else None
     spec = model_spec(cfg, bands=data.bands, n_classes=len(classes), pretrained_spec=pkg.spec if pkg else None)
@@ -475,14 +473,12 @@ def train(
     train_idx, val_idx = split(data, val_fraction=cfg.val_fraction, mode=cfg.val_split, seed=cfg.seed)
     rehearsal_idx, rehearsal_record = np.zeros(0, np.int64), None
     if rehearsal:
-        with stage(rehearsal, cfg.stage_tiles) as local:
-            old = load_tiles(local, classes, orientation_bin_size=cfg.orientation_bin_size)
-        old.sources = [str(d) for d in rehearsal]
+        old = _read_tiles(rehearsal, classes, cfg)
         rehearsal_idx = append_tiles(data, old)
         rehearsal_record = {"sources": old.sources, "scenes": old.scenes, "tiles": len(old), "fraction": cfg.rehearsal_fraction}
+        drawn = rehearsal_count(len(train_idx), len(rehearsal_idx), cfg.rehearsal_fraction)
         log.info("rehearsal: %d tile(s) of the pretrained domain from %d folder(s); %d of each epoch's %d tiles drawn from them",
-                 len(old), len(rehearsal), rehearsal_count(len(train_idx), len(rehearsal_idx), cfg.rehearsal_fraction),
-                 len(train_idx) + rehearsal_count(len(train_idx), len(rehearsal_idx), cfg.rehearsal_fraction))
+                 len(old), len(rehearsal), drawn, len(train_idx) + drawn)
     aug = Augment(**cfg.augment)
     train_set = TrainSet(data, train_idx, aug, cfg.orientation_bin_size, cfg.seed)
     val_set = TrainSet(data, val_idx, None, cfg.orientation_bin_size, cfg.seed)
@@ -587,6 +583,14 @@ def train(
     shutil.rmtree(workdir, ignore_errors=True)
     log.info("wrote %s (best epoch %d, val road IoU %.4f)", out_package, best_metrics["epoch"], best_metrics["val_road_iou"])
     return best_metrics
+
+
+def _read_tiles(folders: Sequence[str | Path], classes: Sequence[dict[str, Any]], cfg: TrainConfig) -> TileData:
+    """Tile folders in memory (staged to node-local scratch first if asked), sources named as configured."""
+    with stage(folders, cfg.stage_tiles) as local:
+        data = load_tiles(local, classes, orientation_bin_size=cfg.orientation_bin_size)
+    data.sources = [str(d) for d in folders]
+    return data
 
 
 def _parallel(model: torch.nn.Module, world: int, dev: torch.device) -> torch.nn.Module:

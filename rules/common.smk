@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)
 
-from roadxfer.config import check_config
+from roadxfer.config import ROLES as SHEET_ROLES, check_config
 from roadxfer.errors import InputError
 from roadxfer.sheet import TRAINING_ROLES, check_scene_sizes, check_sheet, read_sheet
 from roadxfer.styles import complete_classes
@@ -99,7 +99,7 @@ def model_datasets(name, key="datasets"):
     """Tile folders of a model (or of its rehearsal): roles of the scene sheet expand to their scenes' tiles."""
     folders = []
     for entry in MODELS[name].get(key, []):
-        if entry in ("base", "transfer", "test", "predict", "retention"):
+        if entry in SHEET_ROLES:
             folders += [f"results/tiles/{s}" for s in scenes_with_role(entry)]
         else:
             folders.append(entry)
