@@ -48,7 +48,8 @@ def test_conda_env_pins_exactly_and_matches_the_lock(env):
     assert deps
     for dep in deps:
         if isinstance(dep, dict):
-            for pip_dep in dep["pip"]:
+            assert dep["pip"][-1] == "-e ..", f"{env.name}: roadxfer itself (-e ..) is not installed last"
+            for pip_dep in dep["pip"][:-1]:
                 m = PIN.match(pip_dep)
                 assert m, f"{env.name}: pip dependency {pip_dep!r} is not pinned with =="
                 name, version = m.groups()
@@ -62,6 +63,34 @@ def test_conda_env_pins_exactly_and_matches_the_lock(env):
         assert pins[name.lower()] == version, f"{env.name}: {name} {version} != lock {pins.get(name.lower())}"
 
 
+def test_the_envs_install_roadxfer_from_this_checkout(tmp_path):
+    """conda runs pip in the env file's folder, so ``-e ..`` is the repository root: it must build roadxfer.
+
+    Built as conda's pip would see it (cwd envs/), without dependencies (the env pins them).
+    """
+    import subprocess
+    import sys
+
+    import shutil
+
+    # A copy of what the build reads (setuptools writes build/ and *.egg-info into the tree it builds).
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "roadxfer", repo / "roadxfer", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "envs", repo / "envs")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, repo / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), ".."],
+                         cwd=repo / "envs", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next(tmp_path.glob("roadxfer-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "roadxfer/classify.py" in names and "roadxfer/glue.py" in names
+    meta = next(n for n in names if n.endswith("METADATA"))
+    assert "Requires-Dist" not in zipfile.ZipFile(wheel).read(meta).decode()  # pulls nothing past the env's pins
+
+
 def test_gpu_env_has_cuda_torch():
     spec = yaml.safe_load((ROOT / "envs" / "torch.yaml").read_text())
     pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
@@ -73,7 +102,14 @@ def test_apptainer_definition(definition):
     recipe = SingularityParser(str(definition)).recipe["spython-base"]
     text = definition.read_text()
     assert re.search(r"^Bootstrap: docker$", text, re.M)
-    assert recipe.fromHeader == "python:3.11.7-slim-bookworm"  # a pinned base image, no "latest"
+    # The base image pinned by tag and digest (a tag may move; containers/pin-digest.sh re-resolves it).
+    assert re.fullmatch(r"python:3\.11\.7-slim-bookworm@sha256:[0-9a-f]{64}", recipe.fromHeader), recipe.fromHeader
+    # roadxfer itself goes in, from the repository root (where the build runs), installed without dependencies.
+    files = dict(line.split() for line in recipe.files)
+    assert files == {"pyproject.toml": "/opt/roadxfer/pyproject.toml", "README.md": "/opt/roadxfer/README.md", "roadxfer": "/opt/roadxfer/roadxfer"}
+    assert all((ROOT / src).exists() for src in files)
+    assert "python -m pip install --no-cache-dir --no-deps /opt/roadxfer" in recipe.install
+    assert re.search(r"^%test\n\s+python -c \"import .*roadxfer\.", text, re.M)
     install = " ".join(line.rstrip("\\ ").strip() for line in recipe.install)
     pins = lock()
     packages = re.findall(r"([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)", install)
