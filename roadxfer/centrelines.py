@@ -8,13 +8,15 @@ edges that start in its core; shapely's ``line_merge`` joins pixel edges into on
 per edge of the road graph (between junctions and ends, degree-2 chains merged), across
 blocks, so a road crossing block borders is one line. The graph is then cleaned: short
 side branches pruned without cutting a road, junctions that nearly meet snapped into one,
-networks dropped by length and by mean road probability, dead ends bridged across gaps.
+networks dropped by length and by mean road probability, dead ends bridged across gaps
+(along the road direction the model predicts, where it is given).
 The layer carries a node id at each end (a routable network) and a ``nodes`` layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -153,7 +155,66 @@ def _end_direction(line: shapely.LineString, at_start: bool, reach: float) -> np
     return v / n if n else v
 
 
-def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: float = 40.0) -> list[shapely.LineString]:
+DirectionAt = Callable[[np.ndarray], np.ndarray]
+"""(N, 2) pixel points (col, row) -> (N, 2) unit vectors (col, row) along the predicted road
+axis (their sign means nothing), NaN where the direction is not known."""
+
+MIN_AGREEMENT = 0.6  # resultant length of the doubled angles: below it the predicted directions disagree
+COS_STUB = math.cos(math.radians(45.0))  # a predicted axis further off the skeleton's end is another road's (a stub at a junction)
+
+
+def axial_mean(vectors: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mean axis of undirected unit vectors (doubled angles) and its resultant length (0-1); NaN rows are skipped."""
+    v = vectors[np.isfinite(vectors).all(1)]
+    if not len(v):
+        return np.array([np.nan, np.nan]), 0.0
+    phi = np.arctan2(v[:, 1], v[:, 0])
+    c, s = np.cos(2 * phi).mean(), np.sin(2 * phi).mean()
+    a = 0.5 * math.atan2(s, c)
+    return np.array([math.cos(a), math.sin(a)]), float(math.hypot(c, s))
+
+
+def raster_direction(ds: rasterio.DatasetReader) -> DirectionAt:
+    """A :data:`DirectionAt` over a direction raster (degrees clockwise from grid north, 0-179; nodata 255)."""
+
+    def at(points: np.ndarray) -> np.ndarray:
+        out = np.full((len(points), 2), np.nan)
+        if not len(points):
+            return out
+        ij = np.floor(points[:, ::-1]).astype(np.int64)  # (row, col)
+        inside = (ij[:, 0] >= 0) & (ij[:, 0] < ds.height) & (ij[:, 1] >= 0) & (ij[:, 1] < ds.width)
+        if not inside.any():
+            return out
+        r0, c0 = ij[inside].min(0)
+        r1, c1 = ij[inside].max(0) + 1
+        block = ds.read(1, window=Window(int(c0), int(r0), int(c1 - c0), int(r1 - r0)))
+        deg = block[ij[inside, 0] - r0, ij[inside, 1] - c0].astype(np.float64)
+        deg[deg == IGNORE_VALUE] = np.nan
+        rad = np.radians(deg)
+        out[inside] = np.stack([np.sin(rad), -np.cos(rad)], 1)  # clockwise from north -> (col, row); rows grow southwards
+        return out
+
+    return at
+
+
+def _sample_line(line: shapely.LineString, start: float, stop: float) -> np.ndarray:
+    """Points every pixel along ``line`` between the distances ``start`` and ``stop``."""
+    d = np.arange(start, stop + 1e-9, 1.0) if stop > start else np.array([start])
+    return shapely.get_coordinates(shapely.line_interpolate_point(line, d))
+
+
+def _predicted_out(line: shapely.LineString, at_start: bool, reach: float, geometric: np.ndarray, direction: DirectionAt) -> np.ndarray | None:
+    """The road axis the model predicts over the last ``reach`` of a line, pointing out of its end (None: not agreed)."""
+    d = min(reach, line.length)
+    pts = _sample_line(line, 0.0, d) if at_start else _sample_line(line, line.length - d, line.length)
+    axis, agreement = axial_mean(direction(pts))
+    if agreement < MIN_AGREEMENT:
+        return None
+    return axis if float(axis @ geometric) >= 0 else -axis
+
+
+def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: float = 40.0, *,
+                direction: DirectionAt | None = None, reach: float = 1.0, reach_angle: float = 20.0) -> list[shapely.LineString]:
     """Join dead ends to the nearest line ahead of them, across gaps up to ``max_gap``.
 
     A road hidden for a few metres (a tree, a shadow, a faint stretch) leaves a gap in the
@@ -162,13 +223,20 @@ def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: 
     own) within ``max_gap`` and within ``max_angle`` degrees of the direction it points
     in, and is joined to it by a straight segment, as road-extraction post-processing
     usually does. Run ``clean_network`` afterwards to node the joins.
+
+    With ``direction`` (the road direction the model predicts, :func:`raster_direction`)
+    an end points along the predicted axis of its last stretch instead of the skeleton's
+    (whose tips bend), where the predictions there agree with each other and lie within
+    45 degrees of the skeleton's (further off, the stretch is a stub at a junction); such
+    an end also reaches ``reach`` times further for a line within ``reach_angle`` degrees
+    of where it points.
     """
     lines = list(lines)
     if not lines or max_gap <= 0:
         return lines
     degree = _end_degrees(lines)
     tree = shapely.STRtree(lines)
-    cos_max = math.cos(math.radians(max_angle))
+    cos_max, cos_reach = math.cos(math.radians(max_angle)), math.cos(math.radians(reach_angle))
     joins = []
     used: set[tuple[float, float]] = set()  # dead ends already joined (by their own join or as a target)
     for i, line in enumerate(lines):
@@ -177,18 +245,27 @@ def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: 
                 continue
             end = shapely.Point(key)
             out = _end_direction(line, at_start, reach=max_gap)
+            guided = False
+            if direction is not None:
+                predicted = _predicted_out(line, at_start, max_gap, out, direction)
+                if predicted is not None and float(predicted @ out) >= COS_STUB:
+                    out, guided = predicted, True
+            limit = max_gap * (reach if guided else 1.0)
             best = None
-            for j in tree.query(end, predicate="dwithin", distance=max_gap).tolist():
+            for j in tree.query(end, predicate="dwithin", distance=limit).tolist():
                 target = lines[j]
                 if j == i:  # its own line only where it comes back, not the stretch it ends on
-                    far = line.length - 2 * max_gap
+                    far = line.length - 2 * limit
                     if far <= 0:
                         continue
-                    target = shapely.ops.substring(line, 2 * max_gap, line.length) if at_start else shapely.ops.substring(line, 0, far)
+                    target = shapely.ops.substring(line, 2 * limit, line.length) if at_start else shapely.ops.substring(line, 0, far)
                 p = shapely.ops.nearest_points(end, target)[1]
                 v = np.asarray(p.coords[0]) - np.asarray(key)
                 dist = float(np.linalg.norm(v))
-                if dist == 0 or dist > max_gap or float(v @ out) / dist < cos_max:
+                if dist == 0 or dist > limit:
+                    continue
+                cos = float(v @ out) / dist
+                if cos < cos_max or (dist > max_gap and cos < cos_reach):
                     continue
                 if best is None or dist < best[0]:
                     best = (dist, v, target)
@@ -320,6 +397,9 @@ def noise_warning(stats: MaskStats, length_m: float, cell_m: float, mesh_m: floa
 class VectorSettings:
     min_length: float = 5.0  # metres: shorter side branches and networks are dropped
     bridge: float = 10.0  # metres: dead ends are joined across gaps up to this long (0: never)
+    bridge_direction: bool = True  # with the model's direction raster: ends point along it
+    bridge_reach: float = 3.0  # such an end joins lines up to this many times `bridge` away ...
+    bridge_reach_angle: float = 25.0  # ... within this many degrees of where it points (both chosen on the tuning scenes)
     snap: float = 2.0  # metres: junctions joined by a shorter edge become one
     min_probability: float = 0.4  # networks whose mean road probability is lower are dropped (with a probability raster)
     simplify: float | None = None  # CRS units; default one cell
@@ -330,7 +410,8 @@ def vector_settings(cfg: dict[str, Any] | None) -> VectorSettings:
     """:class:`VectorSettings` from ``classify.centrelines`` of the config (missing keys: defaults)."""
     cfg = dict(cfg or {})
     mask = MaskSettings(**{k: float(cfg[k]) for k in ("high", "low", "hole_area", "min_area") if k in cfg})
-    return VectorSettings(**{k: float(cfg[k]) for k in ("snap", "min_probability") if k in cfg}, mask=mask)
+    flags = {k: bool(cfg[k]) for k in ("bridge_direction",) if k in cfg}
+    return VectorSettings(**{k: float(cfg[k]) for k in ("snap", "min_probability", "bridge_reach", "bridge_reach_angle") if k in cfg}, **flags, mask=mask)
 
 
 def centrelines_from_raster(
@@ -343,6 +424,7 @@ def centrelines_from_raster(
     simplify: float | None = None,
     probability: str | Path | None = None,
     probability_scale: float = 250.0,
+    direction: str | Path | None = None,
     settings: VectorSettings | None = None,
     scene: str | None = None,
 ) -> int:
@@ -352,13 +434,14 @@ def centrelines_from_raster(
     (mean direction, clockwise from grid north, 0-180), ``from_node``/``to_node`` and,
     with a ``probability`` raster (road probability times ``probability_scale``),
     ``mean_probability`` and ``min_probability`` (0-1) sampled every cell along the line.
+    With a ``direction`` raster (the model's predicted road direction) and
+    ``settings.bridge_direction``, gaps are bridged along it (:func:`bridge_gaps`).
     Nodes: ``node_id`` and ``degree``. The layer's QGIS style is stored in the GeoPackage
     as its default. ``min_length`` and ``bridge`` (metres) override ``settings``. A
     prediction that looks like noise gives a warning naming ``scene``.
     """
     vs = settings or VectorSettings()
-    vs = VectorSettings(min_length=min_length, bridge=bridge, snap=vs.snap, min_probability=vs.min_probability,
-                        simplify=simplify if simplify is not None else vs.simplify, mask=vs.mask)
+    vs = dataclasses.replace(vs, min_length=min_length, bridge=bridge, simplify=simplify if simplify is not None else vs.simplify)
     classes = complete_classes(classes)
     scene = scene or str(classified)
     records = []
@@ -367,6 +450,7 @@ def centrelines_from_raster(
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(rasterio.open(classified))
         prob_src = stack.enter_context(rasterio.open(probability)) if probability is not None else None
+        guide = raster_direction(stack.enter_context(rasterio.open(direction))) if direction is not None and vs.bridge_direction else None
         transform, crs = src.transform, src.crs
         cell = abs(transform.a)
         cell_m = cell_size_metres(crs, cell)
@@ -401,7 +485,8 @@ def centrelines_from_raster(
             snap_class = max(snap_px, min(width_px, 3 * snap_px))
             lines = snap_junctions(lines, snap_class)
             if bridge_px > 0 and lines:  # spurs first, or their tips would be bridged; the last pass nodes the joins
-                lines = bridge_gaps(clean_network(lines, spur=min_px, min_length=0), bridge_px + min(width_px, bridge_px))
+                lines = bridge_gaps(clean_network(lines, spur=min_px, min_length=0), bridge_px + min(width_px, bridge_px), direction=guide,
+                                    reach=vs.bridge_reach, reach_angle=vs.bridge_reach_angle)
                 lines = snap_junctions(clean_network(lines, spur=min_px, min_length=0), snap_class)  # joins landing beside a junction
             lines = clean_network(lines, spur=min_px, min_length=min_px)
             lines, mesh_px, loops = drop_meshes(lines, MESH_LOOP_LENGTH / cell_m)

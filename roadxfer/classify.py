@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,11 @@ log = logging.getLogger(__name__)
 RESAMPLE_TOLERANCE = 0.1  # resample: auto classifies on the model's grid when cell sizes differ by more than this
 
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
-"""Maps a batch of tiles (B, bands, T, T), float 0-1, to class probabilities (B, K, T, T)."""
+"""Maps a batch of tiles (B, bands, T, T), float 0-1, to class probabilities (B, K, T, T),
+followed, when the model's road direction is asked for, by its two direction channels
+(:func:`direction_channels`)."""
+
+DIRECTION_CHANNELS = 2
 
 
 @dataclass(frozen=True)
@@ -227,8 +232,38 @@ def resampled_strips(
             yield y, torch.from_numpy(p.astype(np.float32) / 250.0).to(device), valid
 
 
-def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False) -> PredictFn:
-    """Softmax class probabilities of the package's model; mixed precision on CUDA; optional TTA."""
+def direction_channels(orient_logits: torch.Tensor, *, reference_layout: bool) -> torch.Tensor:
+    """The road direction a model predicts, as two channels in 0-1 that blend linearly.
+
+    From the orientation head's bins, P(direction | road) gives the mean of (cos 2θ, sin 2θ)
+    (θ counter-clockwise from +x as seen on screen; doubled because roads have no sense):
+    its angle is the direction and its length (0-1) the head's certainty. Stored as
+    ``(1 + mean) / 2`` so that tiles blend, and rasters keep it, like probabilities.
+    """
+    from .model import undirected_log_probs
+
+    p = torch.softmax(undirected_log_probs(orient_logits, reference_layout=reference_layout)[:, 1:], 1)
+    k = p.shape[1]
+    centre = (torch.arange(k, device=p.device, dtype=torch.float32) + 0.5) * (math.pi / k)
+    theta = -centre if reference_layout else centre  # the reference's bins run clockwise
+    c = (p * torch.cos(2 * theta).view(1, k, 1, 1)).sum(1)
+    s = (p * torch.sin(2 * theta).view(1, k, 1, 1)).sum(1)
+    return torch.stack([(1 + c) / 2, (1 + s) / 2], 1)
+
+
+def direction_degrees(channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Direction (degrees clockwise from grid north, 0-180) and certainty (0-1) from :func:`direction_channels`."""
+    c, s = 2 * channels[0].astype(np.float64) - 1, 2 * channels[1].astype(np.float64) - 1
+    ccw = 0.5 * np.degrees(np.arctan2(s, c))  # from +x, counter-clockwise on screen
+    return np.mod(90.0 - ccw, 180.0), np.hypot(c, s)
+
+
+def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False, direction: bool = False) -> PredictFn:
+    """Softmax class probabilities of the package's model; mixed precision on CUDA; optional TTA.
+
+    With ``direction`` the two channels of :func:`direction_channels` follow the classes
+    (the orientation decoder runs too; on the CPU it added little to a LinkNet's time).
+    """
     model = pkg.model.to(device).eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -242,8 +277,12 @@ def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False) -
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return torch.softmax(model.segment(x).float(), 1)
+            if not direction:
+                return torch.softmax(model.segment(x).float(), 1)
+            seg, orient = model(x)
+        return torch.cat([torch.softmax(seg.float(), 1), direction_channels(orient, reference_layout=reference_layout)], 1)
 
+    reference_layout = pkg.spec.reference_layout
     if not tta:
         return run
 
@@ -254,7 +293,11 @@ def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False) -
             for k in range(4):
                 p = run(torch.rot90(xf, k, (-2, -1)))
                 p = torch.rot90(p, -k, (-2, -1))
+                if direction and k % 2:  # turned by 90 degrees: 2θ by 180, both channels change sign
+                    p[:, -2:] = 1 - p[:, -2:]
                 p = p.flip(-1) if flip else p
+                if direction and flip:  # mirrored: θ becomes 180 - θ, sin 2θ changes sign
+                    p[:, -1] = 1 - p[:, -1]
                 acc = p if acc is None else acc + p
         return acc / 8
 
@@ -268,11 +311,16 @@ def classify_scene(
     *,
     out_probability: str | Path | None = None,
     out_centrelines: str | Path | None = None,
+    out_direction: str | Path | None = None,
     settings: ClassifySettings = ClassifySettings(),
     threads: int = 1,
     window: Window | None = None,
 ) -> dict[str, Any]:
     """Classify one scene; returns a summary (tiles, seconds, megapixels/s).
+
+    ``out_direction``: the road direction the model's orientation head predicts (uint8,
+    degrees clockwise from grid north 0-179, 255 nodata); the centrelines use it to bridge
+    gaps (``classify.centrelines.bridge_direction``).
 
     With ``window`` only that part of the scene (a shard) is classified, exactly as it is
     when the whole scene is (:func:`stitch`); its rasters cover the window and are joined
@@ -320,8 +368,8 @@ def classify_scene(
     values = np.array([0] + [c["value"] for c in classes], np.uint8)
     tags = raster_tags(model=pkg.path.name, weights_sha256=pkg.weights_sha256, image=image, threshold=settings.threshold, tta=settings.tta, classes=classes)
     tags.update(ROADXFER_BANDS=",".join(map(str, info.bands)), ROADXFER_RESCALE=json.dumps(info.stretch.to_dict()))
-    n_out = len(values)
-    predict = model_predict_fn(pkg, device, tta=settings.tta)
+    n_out = len(values) + (DIRECTION_CHANNELS if out_direction else 0)
+    predict = model_predict_fn(pkg, device, tta=settings.tta, direction=bool(out_direction))
     profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": 1, "crs": info.crs, "transform": rasterio.windows.transform(win, info.transform)}
     t0 = time.perf_counter()
     last = [t0]
@@ -335,13 +383,21 @@ def classify_scene(
 
     # Scratch beside the outputs (same disk as the final COGs); a killed job's is removed next time.
     with scratch_dir(Path(out_class).parent, "classify") as scratch:
-        cls_tmp, prob_tmp = scratch / "class.tif", scratch / "prob.tif"
+        cls_tmp, prob_tmp, dir_tmp = scratch / "class.tif", scratch / "prob.tif", scratch / "direction.tif"
         prob_dtype = settings.probability_dtype
-        with rasterio.open(image) as src, open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, prob_dtype) as (cls_dst, prob_dst):
+        with (rasterio.open(image) as src,
+              open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, prob_dtype, dir_tmp if out_direction else None)
+              as (cls_dst, prob_dst, dir_dst)):
             geometry = {"tile": tile, "overlap": overlap, "margin": margin, "batch_size": settings.batch_size, "device": device, "progress": progress}
             strips = (stitch(src, info, predict, n_out, **geometry, core=window) if grid is None
                       else resampled_strips(src, info, grid, predict, n_out, scratch / "model_grid.tif", **geometry))
             for y, probs, valid in strips:
+                if dir_dst is not None:
+                    degrees, _ = direction_degrees(probs[len(values):].cpu().numpy())
+                    d = np.round(degrees).astype(np.uint8) % 180
+                    d[~valid] = IGNORE_VALUE
+                    dir_dst.write(d, 1, window=Window(0, y - r_off, width, d.shape[0]))
+                    probs = probs[: len(values)]
                 road = 1 - probs[0]
                 if settings.threshold is not None and n_out == 2:
                     idx = (road >= settings.threshold).to(torch.uint8)
@@ -363,7 +419,8 @@ def classify_scene(
         check_room(scratch)
         seconds = time.perf_counter() - t0
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
-                               classes=classes, settings=settings, scene=Path(image).name, size=(width, height), sidecars=window is None)
+                               classes=classes, settings=settings, scene=Path(image).name, size=(width, height), sidecars=window is None,
+                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction)
     if grid:
         n_tiles = count_tiles(grid[2], grid[1], tile, overlap)
     else:
@@ -377,8 +434,8 @@ def classify_scene(
 
 @contextlib.contextmanager
 def open_outputs(cls_path: Path, prob_path: Path | None, profile: dict[str, Any], classes: list[dict[str, Any]], tags: dict[str, str],
-                 prob_dtype: str) -> Iterator[tuple[Any, Any]]:
-    """The scratch class and probability rasters, with the colour table, band descriptions and tags the COGs carry."""
+                 prob_dtype: str, dir_path: Path | None = None) -> Iterator[tuple[Any, Any, Any]]:
+    """The scratch class, probability and direction rasters, with the colour table, band descriptions and tags the COGs carry."""
     with contextlib.ExitStack() as stack:
         cls_dst = stack.enter_context(rasterio.open(cls_path, "w", **profile, dtype="uint8", nodata=IGNORE_VALUE))
         cls_dst.write_colormap(1, colour_table(classes))
@@ -390,11 +447,17 @@ def open_outputs(cls_path: Path, prob_path: Path | None, profile: dict[str, Any]
             prob_dst = stack.enter_context(rasterio.open(prob_path, "w", **{**profile, "predictor": 2 if prob_dtype == "uint8" else 3}, dtype=prob_dtype, nodata=prob_nodata))
             prob_dst.set_band_description(1, "road probability (0-250 = 0-1, 255 nodata)" if prob_dtype == "uint8" else "road probability (0-1, NaN nodata)")
             prob_dst.update_tags(**tags)
-        yield cls_dst, prob_dst
+        dir_dst = None
+        if dir_path is not None:
+            dir_dst = stack.enter_context(rasterio.open(dir_path, "w", **profile, dtype="uint8", nodata=IGNORE_VALUE))
+            dir_dst.set_band_description(1, f"road direction predicted by the model, degrees clockwise from grid north (0-179; {IGNORE_VALUE} nodata)")
+            dir_dst.update_tags(**tags)
+        yield cls_dst, prob_dst, dir_dst
 
 
 def commit_outputs(cls_tmp: Path, prob_tmp: Path | None, out_class: str | Path, out_probability: str | Path | None, out_centrelines: str | Path | None, *,
-                   classes: list[dict[str, Any]], settings: ClassifySettings, scene: str, size: tuple[int, int], sidecars: bool = True) -> int | None:
+                   classes: list[dict[str, Any]], settings: ClassifySettings, scene: str, size: tuple[int, int], sidecars: bool = True,
+                   dir_tmp: Path | None = None, out_direction: str | Path | None = None) -> int | None:
     """Write the COGs, their sidecars and the centrelines from the scratch rasters; all checked first, then committed together."""
     lines = None
     with contextlib.ExitStack() as outputs:
@@ -407,6 +470,10 @@ def commit_outputs(cls_tmp: Path, prob_tmp: Path | None, out_class: str | Path, 
             write_cog(prob_tmp, prob_out, categorical=False)
             check_written(prob_out, *size)
             styles[Path(out_probability).with_suffix(".qml")] = probability_qml(settings.probability_dtype)
+        if out_direction and dir_tmp is not None:
+            dir_out = outputs.enter_context(atomic_path(out_direction))
+            write_cog(dir_tmp, dir_out, categorical=True)  # angles: no averaging across 0/180 in the overviews
+            check_written(dir_out, *size)
         for path, text in (styles.items() if sidecars else ()):  # the attribute table and the QGIS styles, committed with the rasters
             outputs.enter_context(atomic_path(path)).write_text(text)
         if out_centrelines:
@@ -415,23 +482,24 @@ def commit_outputs(cls_tmp: Path, prob_tmp: Path | None, out_class: str | Path, 
             lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=classes,
                                             min_length=settings.min_line_length, bridge=settings.bridge_gaps,
                                             probability=prob_tmp, probability_scale=250.0 if settings.probability_dtype == "uint8" else 1.0,
-                                            scene=scene, settings=vector_settings(settings.centrelines))
+                                            direction=dir_tmp, scene=scene, settings=vector_settings(settings.centrelines))
         check_room(Path(out_class).parent)
     return lines
 
 
 def merge_shards(
     image: str | Path,
-    shards: Sequence[tuple[str | Path, str | Path]],
+    shards: Sequence[tuple[str | Path, ...]],
     package: str | Path | Package,
     out_class: str | Path,
     *,
     out_probability: str | Path | None = None,
     out_centrelines: str | Path | None = None,
+    out_direction: str | Path | None = None,
     settings: ClassifySettings = ClassifySettings(),
     rows: int = 1024,
 ) -> dict[str, Any]:
-    """Join the (class, probability) rasters of a scene's shards into the scene's outputs.
+    """Join the (class, probability[, direction]) rasters of a scene's shards into the scene's outputs.
 
     Each shard is copied into its place in strips of ``rows`` (memory does not grow with
     the scene); the shards must tile the scene exactly, without gap or overlap, or nothing
@@ -444,7 +512,9 @@ def merge_shards(
     covered = np.zeros((height, width), bool) if width * height <= 50_000_000 else None
     placed = []
     area = 0
-    for cls_path, prob_path in shards:
+    if out_direction and any(len(parts) < 3 for parts in shards):
+        raise InputError(image, "the shards hold no direction raster to join", "classify the shards again with their direction output")
+    for cls_path, prob_path, *rest in shards:
         with rasterio.open(cls_path) as c:
             if c.crs != crs:
                 raise InputError(cls_path, f"shard CRS {c.crs} is not the scene's {crs}", "classify the shards again")
@@ -452,7 +522,7 @@ def merge_shards(
             col, row = int(round(col)), int(round(row))
             if (c.transform.a, c.transform.e) != (transform.a, transform.e) or not (0 <= col and 0 <= row and col + c.width <= width and row + c.height <= height):
                 raise InputError(cls_path, "shard is not on the scene's grid", "classify the shards again")
-            placed.append((cls_path, prob_path, Window(col, row, c.width, c.height)))
+            placed.append((cls_path, prob_path, rest[0] if rest else None, Window(col, row, c.width, c.height)))
             area += c.width * c.height
             if covered is not None:
                 if covered[row : row + c.height, col : col + c.width].any():
@@ -466,19 +536,22 @@ def merge_shards(
         tags = first.tags()
     profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": 1, "crs": crs, "transform": transform}
     with scratch_dir(Path(out_class).parent, "merge") as scratch:
-        cls_tmp, prob_tmp = scratch / "class.tif", scratch / "prob.tif"
-        with open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, settings.probability_dtype) as (cls_dst, prob_dst):
-            for cls_path, prob_path, win in placed:
-                with rasterio.open(cls_path) as c, (rasterio.open(prob_path) if prob_dst is not None else contextlib.nullcontext()) as p:
+        cls_tmp, prob_tmp, dir_tmp = scratch / "class.tif", scratch / "prob.tif", scratch / "direction.tif"
+        with open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, settings.probability_dtype,
+                          dir_tmp if out_direction else None) as (cls_dst, prob_dst, dir_dst):
+            for cls_path, prob_path, dir_path, win in placed:
+                sources = [(cls_dst, cls_path), (prob_dst, prob_path), (dir_dst, dir_path)]
+                with contextlib.ExitStack() as inputs:
+                    pairs = [(dst, inputs.enter_context(rasterio.open(path))) for dst, path in sources if dst is not None]
                     for r in range(0, int(win.height), rows):
                         part = Window(0, r, int(win.width), min(rows, int(win.height) - r))
                         dst_win = Window(win.col_off, win.row_off + r, part.width, part.height)
-                        cls_dst.write(c.read(1, window=part), 1, window=dst_win)
-                        if prob_dst is not None:
-                            prob_dst.write(p.read(1, window=part), 1, window=dst_win)
+                        for dst, src_ds in pairs:
+                            dst.write(src_ds.read(1, window=part), 1, window=dst_win)
         check_room(scratch)
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
-                               classes=classes, settings=settings, scene=Path(image).name, size=(width, height))
+                               classes=classes, settings=settings, scene=Path(image).name, size=(width, height),
+                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction)
     log.info("%s: %d shard(s) merged in %.1f s", image, len(placed), time.perf_counter() - t0)
     return {"image": str(image), "shards": len(placed), "seconds": time.perf_counter() - t0, "centrelines": lines}
 

@@ -79,6 +79,7 @@ def _classify(a: argparse.Namespace) -> dict:
     settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device,
                                 bands=tuple(a.bands) if a.bands else None, rescale=_rescale(a), resample=a.resample)
     return classify_scene(a.image, a.model, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
+                         out_direction=out / "direction.tif",
                           settings=settings, threads=a.threads)
 
 
@@ -129,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chip-format", choices=["tif", "png"], default="tif"), p.add_argument("--class-name", default="road")
     p.set_defaults(run=_export)
 
-    p = sub.add_parser("classify", help="step 4: classify a whole scene (class and probability COGs, centrelines)")
+    p = sub.add_parser("classify", help="step 4: classify a whole scene (class, probability and road direction COGs, centrelines)")
     p.add_argument("image"), p.add_argument("model", help="package folder, .emd or .dlpk"), p.add_argument("outdir")
     p.add_argument("--threshold", type=float, default=None), p.add_argument("--tta", action="store_true")
     p.add_argument("--tile-size", type=int, default=None), p.add_argument("--batch-size", type=int, default=8)

@@ -6,6 +6,7 @@ rule classify_shard:
     output:
         classes=temp("results/classified/{model}/{scene}/shards/{shard}/classes.tif"),
         probability=temp("results/classified/{model}/{scene}/shards/{shard}/probability.tif"),
+        direction=temp("results/classified/{model}/{scene}/shards/{shard}/direction.tif"),
     params:
         settings=config["classify"],
         image=config["image"],
@@ -37,6 +38,8 @@ rule classify_scene:
     output:
         classes="results/classified/{model}/{scene}/classes.tif",
         probability="results/classified/{model}/{scene}/probability.tif",
+        # The road direction the model predicts (degrees clockwise from grid north); gaps are bridged along it.
+        direction="results/classified/{model}/{scene}/direction.tif",
         centrelines="results/classified/{model}/{scene}/centrelines.gpkg",
         # Raster attribute table and QGIS styles, which GIS software picks up by their names.
         attribute_table="results/classified/{model}/{scene}/classes.tif.aux.xml",

@@ -170,7 +170,7 @@ def classify_shards(wildcards):
         model=wildcards.model,
         scene=wildcards.scene,
         shard=sorted(scene_shards(wildcards.scene)),
-        kind=["classes", "probability"],
+        kind=["classes", "probability", "direction"],
     )
 
 

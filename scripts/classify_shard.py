@@ -15,6 +15,7 @@ run_logged(
         sm.input.model,
         sm.output.classes,
         out_probability=sm.output.probability,
+        out_direction=sm.output.direction,
         settings=classify_settings(sm.params.settings, sm.params.image),
         threads=sm.threads,
         window=Window(*sm.params.window),

@@ -136,3 +136,54 @@ def test_a_city_grid_is_not_taken_for_a_mesh(tmp_path):
     cl.centrelines_from_raster(classes, tmp_path / "l.gpkg", classes=ROAD, min_length=5, bridge=10, probability=probability)
     nodes = gpd.read_file(tmp_path / "l.gpkg", layer="nodes")
     assert (nodes["degree"] == 4).sum() == 25 and gpd.read_file(tmp_path / "l.gpkg", layer="centrelines")["length_m"].sum() > 1600
+
+
+def _field(angle_deg: float):
+    """A direction field (:data:`roadxfer.centrelines.DirectionAt`) with one axis everywhere, counter-clockwise from +x on screen."""
+    a = np.radians(angle_deg)
+    return lambda pts: np.tile([np.cos(a), -np.sin(a)], (len(pts), 1))
+
+
+def test_direction_guided_bridging_reaches_along_the_predicted_road_only():
+    import networkx as nx
+
+    from roadxfer.apls import graph_from_lines
+
+    road = [shapely.LineString([(0, 0), (100, 0)]), shapely.LineString([(125, 0), (225, 0)])]  # a 25 px gap, beyond max_gap 10
+
+    def joined(lines):
+        graph = graph_from_lines(cl.clean_network(lines, spur=1, min_length=0), spacing=1000)
+        a = min(graph.nodes, key=lambda n: np.hypot(*n))
+        b = min(graph.nodes, key=lambda n: np.hypot(n[0] - 225, n[1]))
+        return nx.has_path(graph, a, b)
+
+    assert not joined(cl.bridge_gaps(road, max_gap=10))  # the skeleton's direction alone: 25 px is too far
+    assert joined(cl.bridge_gaps(road, max_gap=10, direction=_field(0), reach=3))  # the model sees the road run on
+    assert not joined(cl.bridge_gaps(road, max_gap=10, direction=_field(0), reach=2))  # 25 px > 2 x 10
+    # A predicted axis across the end (another road's, at a junction stub) is not followed: no long reach.
+    assert not joined(cl.bridge_gaps(road, max_gap=10, direction=_field(90), reach=3))
+    # Nor one that disagrees with itself along the end's last stretch.
+    rng = np.random.default_rng(0)
+    scattered = lambda pts: np.stack([np.cos(t := rng.uniform(0, np.pi, len(pts))), np.sin(t)], 1)  # noqa: E731
+    assert not joined(cl.bridge_gaps(road, max_gap=10, direction=scattered, reach=3))
+    # The long reach holds only within reach_angle of the predicted direction: a target 30 degrees off is not joined ...
+    off = [road[0], shapely.LineString([(100 + 25 * np.cos(np.radians(30)), 25 * np.sin(np.radians(30))), (225, 60)])]
+    assert not joined(cl.bridge_gaps(off, max_gap=10, direction=_field(0), reach=3, reach_angle=25))
+    # ... while the plain cone (max_angle) still applies within max_gap.
+    near = [road[0], shapely.LineString([(100 + 8 * np.cos(np.radians(30)), 8 * np.sin(np.radians(30))), (225, 0)])]
+    assert joined(cl.bridge_gaps(near, max_gap=10, direction=_field(0), reach=3, reach_angle=25))
+
+
+def test_centrelines_use_the_direction_raster(tmp_path):
+    """A road cut by a 20 m gap: bridged along the direction raster (north-south here), not without it."""
+    prob = np.full((200, 60), 0.05)
+    prob[10:90, 28:33] = 0.9
+    prob[110:190, 28:33] = 0.9  # a 20 px gap at 1 m cells; bridge 10 m
+    classes, probability = _prediction(tmp_path, prob)
+    direction = make_raster(tmp_path / "direction.tif", data=np.zeros((1, 200, 60), np.uint8), size=(200, 60), cell=1.0, count=1)  # 0: north
+    for guided, pieces in ((False, 2), (True, 1)):
+        out = tmp_path / f"l{guided}.gpkg"
+        cl.centrelines_from_raster(classes, out, classes=ROAD, min_length=5, bridge=10, probability=probability, direction=direction,
+                                   settings=cl.vector_settings({"bridge_direction": guided}))
+        merged = shapely.line_merge(shapely.union_all(list(gpd.read_file(out, layer="centrelines").geometry)))
+        assert len(getattr(merged, "geoms", [merged])) == pieces

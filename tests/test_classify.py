@@ -361,20 +361,27 @@ def test_a_scene_classified_in_shards_equals_the_scene_at_once(tmp_path, package
     image = _smooth_image(tmp_path / "img.tif", (190, 200), 0.5)
     settings = ClassifySettings(batch_size=3)
     whole = tmp_path / "whole"
-    classify_scene(image, package, whole / "c.tif", out_probability=whole / "p.tif", out_centrelines=whole / "l.gpkg", settings=settings)
+    classify_scene(image, package, whole / "c.tif", out_probability=whole / "p.tif", out_centrelines=whole / "l.gpkg", out_direction=whole / "d.tif", settings=settings)
     windows = shard_windows(200, 190, shard)
     assert len(windows) == (4 if shard == 100 else 9)
     parts = []
     for name, win in windows.items():
         out = tmp_path / "shards" / name
-        s = classify_scene(image, package, out / "c.tif", out_probability=out / "p.tif", settings=settings, window=win)
+        s = classify_scene(image, package, out / "c.tif", out_probability=out / "p.tif", out_direction=out / "d.tif", settings=settings, window=win)
         assert s["tiles"] < count_tiles(190, 200, 64, 16)  # only the tiles that touch the shard
-        parts.append((out / "c.tif", out / "p.tif"))
+        parts.append((out / "c.tif", out / "p.tif", out / "d.tif"))
     merged = tmp_path / "merged"
     with pytest.raises(InputError, match=r"cover .* pixels.*a merge never runs on a partial set"):
         merge_shards(image, parts[:-1], package, merged / "c.tif", out_probability=merged / "p.tif", settings=settings)
+    with pytest.raises(InputError, match="no direction raster"):
+        merge_shards(image, [p[:2] for p in parts], package, merged / "c.tif", out_probability=merged / "p.tif", out_direction=merged / "d.tif", settings=settings)
     assert not (merged / "c.tif").exists()
-    merge_shards(image, parts, package, merged / "c.tif", out_probability=merged / "p.tif", out_centrelines=merged / "l.gpkg", settings=settings)
+    merge_shards(image, parts, package, merged / "c.tif", out_probability=merged / "p.tif", out_centrelines=merged / "l.gpkg", out_direction=merged / "d.tif",
+                 settings=settings)
+    with rasterio.open(whole / "d.tif") as a, rasterio.open(merged / "d.tif") as b:
+        da, db = a.read(1).astype(int), b.read(1).astype(int)
+    turn = np.abs(np.mod(da - db + 90, 180) - 90)  # 0 and 179 degrees are one degree apart
+    assert turn.max() <= 1 and (turn == 0).mean() > 0.999
     with rasterio.open(whole / "c.tif") as a, rasterio.open(merged / "c.tif") as b:
         assert (a.transform, a.shape) == (b.transform, b.shape) and a.colormap(1) == b.colormap(1)
         np.testing.assert_array_equal(a.read(1), b.read(1))
@@ -393,3 +400,63 @@ def test_plane_argmax_equals_torch_argmax_ties_included():
         probs = torch.rand((k, 37, 53), generator=g)
         probs[:, :5] = 0.5  # ties: the first class wins, as with argmax
         assert torch.equal(argmax0(probs), probs.argmax(0).to(torch.uint8))
+
+
+def test_direction_channels_known_answers():
+    """All mass on one bin gives its centre angle at full certainty; the reference's bins run clockwise."""
+    from roadxfer.classify import direction_channels, direction_degrees
+
+    k = 18  # 10-degree bins over 180 degrees
+    logits = torch.full((1, k + 1, 1, 1), -30.0)
+    logits[0, 1 + 4] = 30.0  # our bin 4: 40-50 degrees counter-clockwise from +x (east) on screen
+    deg, certainty = direction_degrees(direction_channels(logits, reference_layout=False)[0].numpy())
+    assert deg[0, 0] == pytest.approx(45.0, abs=1e-3) and certainty[0, 0] == pytest.approx(1.0, abs=1e-4)  # 45 ccw from east = 45 clockwise from north
+    logits[0, 1 + 4], logits[0, 1 + 0] = -30.0, 30.0  # bin 0: 0-10 degrees ccw -> 85 degrees clockwise from north
+    assert direction_degrees(direction_channels(logits, reference_layout=False)[0].numpy())[0][0, 0] == pytest.approx(85.0, abs=1e-3)
+    # The reference layout: 2k directed bins clockwise from east over 360 degrees, "no road" last.
+    ref = torch.full((1, 2 * k + 1, 1, 1), -30.0)
+    ref[0, 4] = ref[0, 4 + k] = 30.0  # 40-50 degrees clockwise from east, either sense: 135 clockwise from north
+    assert direction_degrees(direction_channels(ref, reference_layout=True)[0].numpy())[0][0, 0] == pytest.approx(135.0, abs=1e-3)
+    # Two opposite axes with equal mass: no direction.
+    logits = torch.full((1, k + 1, 1, 1), -30.0)
+    logits[0, 1 + 0] = logits[0, 1 + 9] = 30.0
+    assert direction_degrees(direction_channels(logits, reference_layout=False)[0].numpy())[1][0, 0] < 1e-3
+
+
+@pytest.fixture(scope="module")
+def demo_scene(tmp_path_factory) -> tuple[Path, Path]:
+    from roadxfer.demo import write_scene
+
+    d = tmp_path_factory.mktemp("demo")
+    write_scene(977, d / "s.tif", d / "s.gpkg", size=384)
+    return d / "s.tif", d / "s.gpkg"
+
+
+def _direction_errors(direction: Path, labels: Path, road_type: str) -> np.ndarray:
+    """Angle between the raster's direction and the labelled centreline's, every 2 m along the roads of a type."""
+    with rasterio.open(direction) as ds:
+        arr, t = ds.read(1), ds.transform
+    errors = []
+    for line in gpd.read_file(labels).query("road_type == @road_type").geometry:
+        d = np.arange(1.0, line.length - 1, 2.0)
+        p = shapely.get_coordinates(shapely.line_interpolate_point(line, d))
+        q = shapely.get_coordinates(shapely.line_interpolate_point(line, d + 0.5))
+        truth = np.mod(np.degrees(np.arctan2(q[:, 0] - p[:, 0], q[:, 1] - p[:, 1])), 180)  # clockwise from north
+        col, row = ~t * (p[:, 0], p[:, 1])
+        pred = arr[row.astype(int), col.astype(int)].astype(float)
+        errors.append(np.abs(np.mod(pred - truth + 90, 180) - 90))
+    return np.concatenate(errors)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_direction_raster_follows_the_roads(tmp_path, demo_scene, tta):
+    """The shipped model's predicted direction, written as degrees clockwise from north, runs along the paved roads
+    of a scene it never saw, with and without TTA (whose views turn the direction channels back)."""
+    image, labels = demo_scene
+    pretrained = Path(__file__).resolve().parents[1] / "resources" / "pretrained" / "paved-r18"
+    classify_scene(image, pretrained, tmp_path / "c.tif", out_direction=tmp_path / "d.tif", settings=ClassifySettings(tta=tta))
+    with rasterio.open(tmp_path / "d.tif") as ds:
+        assert ds.dtypes[0] == "uint8" and ds.nodata == 255 and "clockwise from grid north" in ds.descriptions[0]
+        assert ds.read(1).max() < 180
+    errors = _direction_errors(tmp_path / "d.tif", labels, "paved")
+    assert len(errors) > 50 and np.median(errors) < 10 and (errors < 20).mean() > 0.8

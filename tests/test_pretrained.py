@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import rasterio
 
 from roadxfer.package import load_package, sha256_file
