@@ -45,6 +45,8 @@ BLOCK = 2048  # pixels per side of an evaluation window: memory is bounded by th
 HALO = 128  # pixels read around each window: distances and the nearest-type split are exact within it
 
 COUNT_KEYS = ("tp", "fp", "fn", "relaxed_tp_pred", "n_pred", "relaxed_tp_ref", "n_ref")
+DIRECTION_KEYS = ("direction_n", "direction_within_15")  # points along the reference lines; those where the predicted direction is within 15 degrees
+DIRECTION_TOLERANCE = 15.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,43 @@ def reference_shapes(info: ImageInfo, labels: str | Path, settings: EvalSettings
     return ReferenceShapes(wanted, shapes, {t: shapely.STRtree(g) for t, g in shapes.items()}, lines)
 
 
+def direction_counts(direction: str | Path, lines: gpd.GeoDataFrame, area: shapely.Geometry, transform: rasterio.Affine) -> dict[str, dict[str, int]]:
+    """Per road type, points every cell along the reference lines (on ``area``) and how many of them the
+    predicted direction raster (degrees clockwise from grid north) gets within 15 degrees.
+
+    Both directions are measured on the raster's grid, so the comparison holds in any CRS.
+    """
+    out: dict[str, dict[str, int]] = {}
+    inv = ~transform
+    with rasterio.open(direction) as ds:
+        for road_type, line in zip(lines["road_type"], lines.geometry):
+            acc = out.setdefault(str(road_type), dict.fromkeys(DIRECTION_KEYS, 0))
+            parts = getattr(line, "geoms", [line])
+            for part in parts:
+                px = shapely.transform(part, lambda xy: np.stack(inv * (xy[:, 0], xy[:, 1]), 1))  # (col, row)
+                if px.length < 2:
+                    continue
+                d = np.arange(0.5, px.length - 0.5, 1.0)
+                p = shapely.get_coordinates(shapely.line_interpolate_point(px, d))
+                q = shapely.get_coordinates(shapely.line_interpolate_point(px, np.minimum(d + 0.5, px.length)))
+                geo = np.stack(transform * (p[:, 0], p[:, 1]), 1)
+                col, row = np.floor(p[:, 0]).astype(int), np.floor(p[:, 1]).astype(int)
+                keep = (shapely.contains_xy(area, geo[:, 0], geo[:, 1]) & (col >= 0) & (row >= 0) & (col < ds.width) & (row < ds.height)
+                        & (np.hypot(*(q - p).T) > 0))
+                if not keep.any():
+                    continue
+                p, q, col, row = p[keep], q[keep], col[keep], row[keep]
+                r0, c0 = row.min(), col.min()
+                block = ds.read(1, window=Window(int(c0), int(r0), int(col.max() - c0 + 1), int(row.max() - r0 + 1)))
+                pred = block[row - r0, col - c0].astype(np.float64)
+                truth = np.mod(np.degrees(np.arctan2(q[:, 0] - p[:, 0], -(q[:, 1] - p[:, 1]))), 180.0)  # rows grow southwards
+                known = pred != IGNORE_VALUE
+                error = np.abs(np.mod(pred[known] - truth[known] + 90.0, 180.0) - 90.0)
+                acc["direction_n"] += int(len(p))
+                acc["direction_within_15"] += int((error <= DIRECTION_TOLERANCE).sum())
+    return out
+
+
 def reference_masks(info: ImageInfo, labels: str | Path, settings: EvalSettings, *, layer: str | None = None, where: str | None = None) -> tuple[dict[str, np.ndarray], gpd.GeoDataFrame]:
     """Buffered reference roads of each type, burned on the whole image grid (small scenes); and the lines."""
     ref = reference_shapes(info, labels, settings, layer=layer, where=where)
@@ -250,8 +289,13 @@ def evaluate_scene(
     where: str | None = None,
     block: int = BLOCK,
     image_kwargs: Mapping[str, Any] | None = None,
+    direction: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate one classified scene; writes and returns ``{"rows": [...], ...}`` with counts and ratios per road type.
+
+    With ``direction`` (the model's predicted road direction raster) the rows also count
+    points along the reference lines and those whose predicted direction is within 15
+    degrees (``direction_n``, ``direction_within_15``, ``direction_acc15``).
 
     The scene is evaluated in windows of ``block`` pixels, each read with a halo so that
     distances (relaxed metrics, the split by nearest road type) are exact near its
@@ -302,10 +346,19 @@ def evaluate_scene(
     per_type.update({t: totals.get(t, dict.fromkeys(COUNT_KEYS, 0)) for t in ref.types if t in seen})
     rows_out = [{"scene": scene_id, "model": model, "road_type": t, **c, **ratios(c)} for t, c in per_type.items()]
     result: dict[str, Any] = {"scene": scene_id, "model": model, "rows": rows_out}
+    # APLS and direction compare on the scene's valid area only (nodata, alpha and ignore
+    # windows removed): lines of the label file elsewhere are not roads this scene could show.
+    area = shapely.union_all(pieces) if pieces else shapely.Polygon()
+    if direction is not None:
+        with rasterio.open(direction) as ds:
+            if (ds.width, ds.height, ds.transform) != (info.width, info.height, info.transform):
+                raise InputError(direction, f"is not on the grid of {image}", "classify this scene again")
+        per_dir = direction_counts(direction, ref.lines, area, info.transform)
+        total = {k: sum(c[k] for c in per_dir.values()) for k in DIRECTION_KEYS}
+        for row in rows_out:
+            row.update(per_dir.get(row["road_type"], dict.fromkeys(DIRECTION_KEYS, 0)) if row["road_type"] != "all" else total)
+            row["direction_acc15"] = row["direction_within_15"] / row["direction_n"] if row["direction_n"] else float("nan")
     if centrelines is not None:
-        # APLS compares the networks on the scene's valid area only (nodata, alpha and ignore
-        # windows removed): lines of the label file elsewhere are not roads this scene could show.
-        area = shapely.union_all(pieces) if pieces else shapely.Polygon()
         prop = gpd.read_file(centrelines, layer="centrelines")
         ref_lines, prop = clip_lines(ref.lines, area), clip_lines(prop.to_crs(ref.lines.crs) if len(prop) else prop, area)
         if not len(ref_lines) and len(ref.lines):
@@ -353,8 +406,11 @@ def aggregate(results: Sequence[str | Path], out_scenes: str | Path, out_summary
 
 
 def _summarise(per_scene: pd.DataFrame, apls_rows: list[dict[str, Any]]) -> pd.DataFrame:
-    summed = per_scene.groupby(["model", "road_type"], sort=False)[list(COUNT_KEYS)].sum().reset_index()
+    keys = list(COUNT_KEYS) + [k for k in DIRECTION_KEYS if k in per_scene]
+    summed = per_scene.groupby(["model", "road_type"], sort=False)[keys].sum().reset_index()
     summary = pd.concat([summed, pd.DataFrame([ratios(r) for r in summed.to_dict("records")], index=summed.index)], axis=1)
+    if "direction_n" in summed:
+        summary["direction_acc15"] = summed["direction_within_15"] / summed["direction_n"].where(summed["direction_n"] > 0)
     if apls_rows:
         mean_apls = pd.DataFrame(apls_rows).groupby("model")["apls"].mean()
         summary["apls"] = [mean_apls.get(m) if t == "all" else np.nan for m, t in zip(summary["model"], summary["road_type"])]

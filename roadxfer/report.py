@@ -212,7 +212,7 @@ def write_report(
     ev = config.get("evaluation", {})
     baseline, transfer, control = ev.get("baseline", "base"), ev.get("transfer", "transfer"), ev.get("control")
     names = list(models)
-    cols = ["model", "road_type", "precision", "recall", "f1", "iou", "relaxed_precision", "relaxed_recall", "relaxed_f1"] + (["apls"] if "apls" in summary else [])
+    cols = ["model", "road_type", "precision", "recall", "f1", "iou", "relaxed_precision", "relaxed_recall", "relaxed_f1"] + [c for c in ("apls", "direction_acc15") if c in summary]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>roadxfer report</title><style>{CSS}</style></head><body>",
              "<h1>roadxfer: transfer learning report</h1>",
              f"<p>Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by roadxfer {__version__}, code <code>{html.escape(code_version())}</code>. "
@@ -225,7 +225,9 @@ def write_report(
             parts += ["<h2>Did the transfer work?</h2>", t.to_html(index=False, escape=False, border=0)]
     parts += ["<h2>Metrics per model and road type (all test scenes)</h2>",
               "<p>Pixel metrics against the buffered reference lines; each predicted pixel is attributed to the road type whose reference is nearest. "
-              f"Relaxed metrics accept a match within {ev.get('relaxed_pixels', 3)} px. APLS compares predicted centrelines with the reference polylines (average over scenes).</p>",
+              f"Relaxed metrics accept a match within {ev.get('relaxed_pixels', 3)} px. APLS compares predicted centrelines with the reference polylines (average over scenes). "
+              "direction_acc15: the share of points along the reference lines (one per cell) where the road direction the model predicts "
+              "(direction.tif) is within 15 degrees of the line's.</p>",
               _table(summary[[c for c in cols if c in summary]]), f"<img alt='bar charts' src='{_uri(files.setdefault('charts', bar_charts(summary, names)))}'>",
               "<h3>Per scene</h3>", _table(per_scene[[c for c in cols + ['scene'] if c in per_scene]])]
     if retained:

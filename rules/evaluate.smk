@@ -5,6 +5,7 @@ rule evaluate_scene:
         labels=scene_labels,
         classes="results/classified/{model}/{scene}/classes.tif",
         centrelines="results/classified/{model}/{scene}/centrelines.gpkg",
+        direction="results/classified/{model}/{scene}/direction.tif",
     output:
         "results/evaluation/{model}/{scene}.json",
     params:

@@ -21,5 +21,6 @@ run_logged(
         layer=row["layer"] or None,
         where=row["filter"] or None,  # the lines the scene's labels were made from
         image_kwargs=image_kwargs(sm.params.image),
+        direction=sm.input.direction,
     ),
 )

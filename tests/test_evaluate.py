@@ -274,3 +274,29 @@ def test_retention_scenes_are_summed_apart(tmp_path):
     empty = pd.read_csv(tmp_path / "ret.csv")
     assert empty.empty and "f1" in empty.columns
     assert targets(summary, "base", "transfer", None, empty).empty  # no per-type rows here, and no retention check
+
+
+def test_direction_accuracy_along_the_reference_lines(tmp_path):
+    """A direction raster that says east-west everywhere is right on the east-west road, wrong on the north-south one;
+    counted every cell along the lines, on the valid area only, and summed per type and over scenes."""
+    image = make_raster(tmp_path / "img.tif", size=(200, 200), alpha_zero=(slice(0, 200), slice(190, 200)))
+    lines = [LineString([(X0 + 5, Y0 - 25), (X0 + 100, Y0 - 25)]), LineString([(X0 + 50, Y0 - 40), (X0 + 50, Y0 - 90)])]
+    labels = make_vectors(tmp_path / "ref.gpkg", lines, Classvalue=[1, 1], road_type=["paved", "trail"])
+    make_raster(tmp_path / "pred.tif", size=(200, 200), count=1, data=np.zeros((1, 200, 200), np.uint8))
+    direction = np.full((1, 200, 200), 90, np.uint8)  # degrees clockwise from north: east-west
+    direction[0, :, 30:40] = 255  # nodata: counted, never right
+    make_raster(tmp_path / "dir.tif", size=(200, 200), count=1, data=direction)
+    result = evaluate_scene(image, tmp_path / "pred.tif", None, labels, tmp_path / "m.json", EvalSettings(), scene_id="s", model="m", direction=tmp_path / "dir.tif")
+    rows = {r["road_type"]: r for r in result["rows"]}
+    # paved: 95 m at 0.5 m cells, cut at the alpha-0 columns (x >= 95 m): 180 points, 10 of them on nodata.
+    assert rows["paved"]["direction_n"] == pytest.approx(180, abs=2)
+    assert rows["paved"]["direction_within_15"] == rows["paved"]["direction_n"] - 10
+    assert rows["trail"]["direction_n"] == pytest.approx(100, abs=2) and rows["trail"]["direction_within_15"] == 0
+    assert rows["all"]["direction_n"] == rows["paved"]["direction_n"] + rows["trail"]["direction_n"]
+    summary = aggregate([tmp_path / "m.json"], tmp_path / "s.csv", tmp_path / "sum.csv").set_index("road_type")
+    assert summary.loc["trail", "direction_acc15"] == 0 and summary.loc["paved", "direction_acc15"] == pytest.approx(170 / 180, abs=0.01)
+    # North-south everywhere: the other way round.
+    make_raster(tmp_path / "dir.tif", size=(200, 200), count=1, data=np.zeros((1, 200, 200), np.uint8))
+    rows = {r["road_type"]: r for r in evaluate_scene(image, tmp_path / "pred.tif", None, labels, tmp_path / "m.json", EvalSettings(), scene_id="s", model="m",
+                                                       direction=tmp_path / "dir.tif")["rows"]}
+    assert rows["paved"]["direction_acc15"] == 0 and rows["trail"]["direction_acc15"] == 1

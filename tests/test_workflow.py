@@ -92,12 +92,15 @@ def test_small_demo_runs_end_to_end(tmp_path):
         with rasterio.open(out / "classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
             assert (c.transform, c.shape, c.crs) == (img.transform, img.shape, img.crs)
         assert (out / "probability.tif").is_file() and (out / "centrelines.gpkg").is_file()
+        with rasterio.open(out / "direction.tif") as d:
+            assert d.shape == c.shape and d.read(1).max() < 180  # degrees, every pixel of the scene valid
     parent = json.loads((wf / "results/models/transfer/transfer.emd").read_text())["roadxfer"]["parent"]
     assert parent["name"] == "base"
     summary = (wf / "results/evaluation/summary.csv").read_text().splitlines()
-    assert summary[0].startswith("model,road_type,tp,fp,fn")
+    assert summary[0].startswith("model,road_type,tp,fp,fn") and {"apls", "direction_acc15"} <= set(summary[0].split(","))
     assert {line.split(",")[0] for line in summary[1:]} == {"base", "transfer", "scratch"}
     report = (wf / "results/report/report.html").read_text()
+    assert "direction_acc15" in report
     assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
     assert "Did the transfer work?" in report and "weights sha256" in report
     # Snakemake's own report holds our results beside its provenance.
