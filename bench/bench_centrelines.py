@@ -17,7 +17,9 @@ Cases (rasters made once and cached in --data; each vectorisation runs in a fres
 Figures per case: lines, lines per km of truth (and the truth's own, as drawn and noded at
 its crossings: one line per edge of its graph, as roadxfer writes them), median line length,
 APLS against the truth (10 m spacing, 4 m snap), seconds and peak RSS of vectorisation
-plus APLS. ``--code DIR`` runs another checkout's roadxfer (before/after tables).
+plus APLS. ``--code DIR`` runs another checkout's roadxfer (before/after tables);
+``--no-direction`` vectorises the model's predictions without the direction raster the
+model predicts (the degraded truth and noise cases have none).
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ def prepare(data: Path) -> dict[str, dict[str, str]]:
         else:
             image, truth = VEGAS / "RGB-PanSharpen_AOI_2_Vegas_img0.tif", VEGAS / "AOI_2_Vegas_img0.geojson"
         pred = folder / "prediction"
-        if not (pred / "classes.tif").exists():
-            classify_scene(image, MODEL, pred / "classes.tif", out_probability=pred / "probability.tif", settings=ClassifySettings(threshold=0.5))
+        if not (pred / "direction.tif").exists():  # the model's road direction too (direction-guided bridging)
+            classify_scene(image, MODEL, pred / "classes.tif", out_probability=pred / "probability.tif", out_direction=pred / "direction.tif",
+                           settings=ClassifySettings(threshold=0.5))
         cases[f"{name} (model)"] = {"folder": str(pred), "truth": str(truth)}
         deg = folder / "degraded"
         if not (deg / "classes.tif").exists():
@@ -135,8 +138,9 @@ def child(args: argparse.Namespace) -> None:
     folder = Path(case["folder"])
     out = folder / f"centrelines-{abs(hash(str(args.code))) % 10_000}.gpkg"
     t0 = time.perf_counter()
+    guide = {"direction": folder / "direction.tif"} if args.direction and (folder / "direction.tif").exists() else {}
     centrelines_from_raster(folder / "classes.tif", out, classes=[{"value": 1, "name": "road"}], min_length=5.0, bridge=10.0,
-                            probability=folder / "probability.tif", probability_scale=250.0)
+                            probability=folder / "probability.tif", probability_scale=250.0, **guide)
     t_vec = time.perf_counter() - t0
     lines = gpd.read_file(out, layer="centrelines")
     truth = gpd.read_file(case["truth"])
@@ -158,6 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("/tmp/roadxfer-bench-centrelines"))
     ap.add_argument("--code", type=Path, default=ROOT)
+    ap.add_argument("--no-direction", dest="direction", action="store_false",
+                    help="vectorise the model's predictions without their direction raster (as before direction-guided bridging)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,11 +171,11 @@ def main() -> None:
         child(args)
         return
     cases = prepare(args.data)
-    print(f"code: {args.code}")
+    print(f"code: {args.code}; model predictions bridged {'along their direction raster' if args.direction else 'by the skeleton only'}")
     print("| case | lines | lines/km (truth as drawn; truth noded at crossings) | median m (truth) | km found (truth) | APLS | s vectorise | s + APLS | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, case in cases.items():
-        cmd = [sys.executable, __file__, "--child", "--case", json.dumps(case), "--code", str(args.code)]
+        cmd = [sys.executable, __file__, "--child", "--case", json.dumps(case), "--code", str(args.code)] + ([] if args.direction else ["--no-direction"])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"| {name} | failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]} |")

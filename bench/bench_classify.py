@@ -1,12 +1,15 @@
 """Benchmark of whole-scene classification (step 4). Prints figures; asserts nothing.
 
-  python bench/bench_classify.py [--size 1024] [--backbone resnet34] [--tile 256] [--batch 8] [--device cuda]
+  python bench/bench_classify.py [--size 1024] [--backbone resnet34] [--tile 256] [--batch 8] [--device cuda] [--no-direction]
 
 * tiles/s through the whole classification (read, normalise, model, blend, write)
   versus bare model forward on tensors in memory, same model, batch and device
   (goal >= 0.9);
 * time and peak RSS for scenes of 1x, 4x and 16x the area (goal: time linear, peak RSS
   <= 1.25x from 1x to 16x), each in a fresh process; megapixels per second.
+
+By default the road direction is predicted and written too, as the workflow does
+(``direction.tif``: the orientation decoder runs); ``--no-direction`` leaves it out.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from roadxfer.train import pick_device, set_threads  # noqa: E402
 
 def child(args: argparse.Namespace) -> None:
     set_threads(args.threads)
-    s = classify_scene(args.image, args.package, args.out, out_probability=args.out.with_name("p.tif"), settings=ClassifySettings(batch_size=args.batch, device=args.device), threads=args.threads)
+    s = classify_scene(args.image, args.package, args.out, out_probability=args.out.with_name("p.tif"),
+                       out_direction=args.out.with_name("d.tif") if args.direction else None,
+                       settings=ClassifySettings(batch_size=args.batch, device=args.device), threads=args.threads)
     print(json.dumps({"seconds": s["seconds"], "tiles": s["tiles"], "peak_rss_mib": peak_rss_mib()}))
 
 
@@ -45,6 +50,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default=None)
+    ap.add_argument("--no-direction", dest="direction", action="store_false", help="classes and probability only (no orientation decoder)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--image", type=Path)
     ap.add_argument("--package", type=Path)
@@ -59,7 +65,7 @@ def main() -> None:
         tmp = Path(d)
         pkg_path = make_package(tmp, args.backbone, args.tile, arch=args.arch)
         pkg = load_package(pkg_path, device=dev)
-        predict = model_predict_fn(pkg, dev)
+        predict = model_predict_fn(pkg, dev, direction=args.direction)
         x = torch.rand(args.batch, 3, args.tile, args.tile, device=dev)
         predict(x)
         n = 6
@@ -72,7 +78,8 @@ def main() -> None:
             torch.cuda.synchronize()
         bare = n * args.batch / (time.perf_counter() - t0)
         del out
-        print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile} (overlap {args.tile // 4}), batch {args.batch}, threads {args.threads}")
+        print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile} (overlap {args.tile // 4}), batch {args.batch}, threads {args.threads}, "
+              f"direction {'on' if args.direction else 'off'}")
         print(f"bare model forward: {bare:8.2f} tiles/s ({bare * args.tile**2 / 1e6:.2f} Mpx/s of tiles)")
         rows = []
         for factor in (1, 2, 4):
@@ -81,6 +88,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--image", str(image), "--package", str(pkg_path), "--out", str(tmp / f"c{size}.tif"), "--batch", str(args.batch), "--threads", str(args.threads)]
             if args.device:
                 cmd += ["--device", args.device]
+            if not args.direction:
+                cmd += ["--no-direction"]
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             rows.append((factor * factor, size, res))
             tps = res["tiles"] / res["seconds"]
