@@ -484,14 +484,22 @@ def centrelines_from_raster(
             width_px = (stats.kept + stats.filled - seen_before) / max(sum(ln.length for ln in lines), 1.0)
             snap_class = max(snap_px, min(width_px, 3 * snap_px))
             lines = snap_junctions(lines, snap_class)
+            joins: list[shapely.LineString] = []
             if bridge_px > 0 and lines:  # spurs first, or their tips would be bridged; the last pass nodes the joins
-                lines = bridge_gaps(clean_network(lines, spur=min_px, min_length=0), bridge_px + min(width_px, bridge_px), direction=guide,
-                                    reach=vs.bridge_reach, reach_angle=vs.bridge_reach_angle)
+                unbridged = clean_network(lines, spur=min_px, min_length=0)
+                lines = bridge_gaps(unbridged, bridge_px + min(width_px, bridge_px), direction=guide, reach=vs.bridge_reach, reach_angle=vs.bridge_reach_angle)
+                joins = lines[len(unbridged):]
                 lines = snap_junctions(clean_network(lines, spur=min_px, min_length=0), snap_class)  # joins landing beside a junction
             lines = clean_network(lines, spur=min_px, min_length=min_px)
             lines, mesh_px, loops = drop_meshes(lines, MESH_LOOP_LENGTH / cell_m)
             mesh_m += mesh_px * cell_m
             mesh_loops += loops
+            if probability is not None and vs.min_probability > 0 and lines:
+                # Whole networks of faint, doubtful road go. The joins across gaps are left out of the
+                # mean: they cross low probability by design, and long ones would drag a real network down.
+                lines, faint = drop_faint_networks(lines, joins, probability, probability_scale, transform, vs.min_probability)
+                if faint:
+                    log.info("%s: %d line(s) in networks with mean road probability below %.2f dropped", scene, faint, vs.min_probability)
             for line in lines:
                 geo = shapely.transform(line, lambda xy: np.stack(transform * (xy[:, 0], xy[:, 1]), 1))
                 records.append({"class_value": value, "class_name": name, "geometry": geo.simplify(vs.simplify if vs.simplify is not None else cell)})
@@ -500,16 +508,6 @@ def centrelines_from_raster(
     gdf["length_m"] = metric.length.to_numpy() * (1.0 if crs is None or crs.is_geographic else float(crs.linear_units_factor[1]))
     if probability is not None:
         gdf["mean_probability"], gdf["min_probability"] = line_probabilities(gdf.geometry, probability, probability_scale, step=cell)
-        if vs.min_probability > 0 and len(gdf):  # whole networks of faint, doubtful road go
-            keep = np.ones(len(gdf), bool)
-            all_lengths, all_means = gdf["length_m"].to_numpy(), np.nan_to_num(gdf["mean_probability"].to_numpy())
-            for comp in components(list(gdf.geometry)):
-                lengths, means = all_lengths[comp], all_means[comp]
-                if lengths.sum() and (means * lengths).sum() / lengths.sum() < vs.min_probability:
-                    keep[comp] = False
-            if not keep.all():
-                log.info("%s: %d line(s) in networks with mean road probability below %.2f dropped", scene, int((~keep).sum()), vs.min_probability)
-                gdf = gdf[keep].reset_index(drop=True)
     gdf["direction_deg"] = [axial_direction(g) for g in gdf.geometry] if len(gdf) else []
     nodes = node_table(gdf)
     warning = noise_warning(stats, float(gdf["length_m"].sum()) + mesh_m, cell_m, mesh_m, mesh_loops)
@@ -542,6 +540,33 @@ def node_table(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     gdf["to_node"] = [b for _, b in ends] if ends else np.zeros(0, np.int64)
     return gpd.GeoDataFrame({"node_id": list(ids.values()), "degree": [degree[i] for i in ids.values()]},
                             geometry=[shapely.Point(k) for k in ids], crs=gdf.crs)
+
+
+def drop_faint_networks(lines: Sequence[shapely.LineString], joins: Sequence[shapely.LineString], probability: str | Path, scale: float,
+                        transform: rasterio.Affine, min_probability: float) -> tuple[list[shapely.LineString], int]:
+    """Drop the networks (lines in pixel coordinates) whose mean road probability, sampled every pixel along
+    their lines but not on the ``joins`` made across gaps, is below ``min_probability``."""
+    lines = list(lines)
+    join_tree = shapely.STRtree(list(joins)) if joins else None
+    sums, counts = np.zeros(len(lines)), np.zeros(len(lines))
+    with rasterio.open(probability) as src:
+        nodata = src.nodata
+        for i, line in enumerate(lines):
+            pts = _sample_line(line, 0.0, line.length)
+            if join_tree is not None:
+                near = join_tree.query(shapely.points(pts), predicate="dwithin", distance=0.75)[0]
+                pts = np.delete(pts, np.unique(near), axis=0)
+            if not len(pts):
+                continue
+            xy = np.stack(transform * (pts[:, 0], pts[:, 1]), 1)
+            vals = np.fromiter((v[0] for v in src.sample(xy)), float, len(xy))
+            ok = np.isfinite(vals) & ((vals != nodata) if nodata is not None and np.isfinite(nodata) else True)
+            sums[i], counts[i] = vals[ok].sum() / scale, ok.sum()
+    keep = np.ones(len(lines), bool)
+    for comp in components(lines):
+        if counts[comp].sum() and sums[comp].sum() / counts[comp].sum() < min_probability:
+            keep[comp] = False
+    return [ln for ln, k in zip(lines, keep) if k], int((~keep).sum())
 
 
 def line_probabilities(lines: gpd.GeoSeries, probability: str | Path, scale: float, *, step: float) -> tuple[np.ndarray, np.ndarray]:

@@ -187,3 +187,24 @@ def test_centrelines_use_the_direction_raster(tmp_path):
                                    settings=cl.vector_settings({"bridge_direction": guided}))
         merged = shapely.line_merge(shapely.union_all(list(gpd.read_file(out, layer="centrelines").geometry)))
         assert len(getattr(merged, "geoms", [merged])) == pieces
+
+
+def test_a_join_across_a_gap_does_not_count_against_its_network(tmp_path):
+    """Two stretches of a faint road (P 0.55) 35 m apart, bridged along the direction raster: the join's
+    own low probability is left out of the network's mean, so the road stays (it would average about 0.35)."""
+    prob = np.full((200, 60), 0.0)
+    prob[40:80, 28:33] = 0.55
+    prob[115:155, 28:33] = 0.55
+    classes, probability = _prediction(tmp_path, prob)
+    direction = make_raster(tmp_path / "direction.tif", data=np.zeros((1, 200, 60), np.uint8), size=(200, 60), cell=1.0, count=1)
+    out = tmp_path / "l.gpkg"
+    cl.centrelines_from_raster(classes, out, classes=ROAD, min_length=5, bridge=15, probability=probability, direction=direction,
+                               settings=cl.vector_settings({"min_probability": 0.4}))
+    lines = gpd.read_file(out, layer="centrelines")
+    merged = shapely.line_merge(shapely.union_all(list(lines.geometry)))
+    assert merged.geom_type == "LineString" and merged.length > 100  # one road across the gap, kept
+    assert lines["min_probability"].min() < 0.1  # the join itself is honest about the gap
+    # A network that is faint on its own mask is still dropped.
+    cl.centrelines_from_raster(classes, out, classes=ROAD, min_length=5, bridge=15, probability=probability, direction=direction,
+                               settings=cl.vector_settings({"min_probability": 0.6}))
+    assert len(gpd.read_file(out, layer="centrelines")) == 0
