@@ -214,7 +214,7 @@ def _predicted_out(line: shapely.LineString, at_start: bool, reach: float, geome
 
 
 def bridge_gaps(lines: Sequence[shapely.LineString], max_gap: float, max_angle: float = 40.0, *,
-                direction: DirectionAt | None = None, reach: float = 1.0, reach_angle: float = 20.0) -> list[shapely.LineString]:
+                direction: DirectionAt | None = None, reach: float = 1.0, reach_angle: float = 25.0) -> list[shapely.LineString]:
     """Join dead ends to the nearest line ahead of them, across gaps up to ``max_gap``.
 
     A road hidden for a few metres (a tree, a shadow, a faint stretch) leaves a gap in the

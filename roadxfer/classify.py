@@ -270,6 +270,7 @@ def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False, d
     mean = torch.tensor(pkg.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std = torch.tensor(pkg.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     dtype = amp_dtype(device)
+    reference_layout = pkg.spec.reference_layout
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -282,10 +283,10 @@ def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False, d
             seg, orient = model(x)
         return torch.cat([torch.softmax(seg.float(), 1), direction_channels(orient, reference_layout=reference_layout)], 1)
 
-    reference_layout = pkg.spec.reference_layout
     if not tta:
         return run
 
+    @torch.inference_mode()
     def run_tta(x: torch.Tensor) -> torch.Tensor:
         acc = None
         for flip in (False, True):
