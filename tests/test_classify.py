@@ -460,3 +460,16 @@ def test_the_direction_raster_follows_the_roads(tmp_path, demo_scene, tta):
         assert ds.read(1).max() < 180
     errors = _direction_errors(tmp_path / "d.tif", labels, "paved")
     assert len(errors) > 50 and np.median(errors) < 10 and (errors < 20).mean() > 0.8
+
+
+def test_direction_off_skips_the_orientation_decoder_and_writes_nodata(tmp_path, package):
+    """classify.direction: false gives the same classes and probability, and an all-nodata direction raster."""
+    image = _smooth_image(tmp_path / "img.tif", (100, 90), 0.5)
+    on, off = tmp_path / "on", tmp_path / "off"
+    classify_scene(image, package, on / "c.tif", out_probability=on / "p.tif", out_direction=on / "d.tif")
+    classify_scene(image, package, off / "c.tif", out_probability=off / "p.tif", out_direction=off / "d.tif", settings=ClassifySettings(direction=False))
+    for name in ("c.tif", "p.tif"):
+        with rasterio.open(on / name) as a, rasterio.open(off / name) as b:
+            np.testing.assert_array_equal(a.read(), b.read())
+    with rasterio.open(on / "d.tif") as a, rasterio.open(off / "d.tif") as b:
+        assert a.read(1).max() < 180 and (b.read(1) == 255).all()
