@@ -143,6 +143,18 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
                     rows.append({"check": f"{t}: transfer {name} > scratch {name}", "value": f"{a:.3f} vs {b:.3f}", "pass": a > b})
     if (baseline, "paved") in table.index:
         rows.append({"check": "paved: transfer F1 >= base F1 - 0.03", "value": f"{get(transfer, 'paved'):.3f} vs {get(baseline, 'paved'):.3f}", "pass": get(transfer, "paved") >= get(baseline, "paved") - 0.03})
+    if "apls" in table and (transfer, "all") in table.index:
+        others = [m for m in (baseline, control) if m and (m, "all") in table.index]
+        if others:
+            a = get(transfer, "all", "apls")
+            rest = {m: get(m, "all", "apls") for m in others}
+            rows.append({"check": "road graph: transfer APLS > " + " and ".join("base" if m == baseline else "scratch" for m in others) + " APLS",
+                         "value": f"{a:.3f} vs " + " / ".join(f"{v:.3f}" for v in rest.values()), "pass": all(a > v for v in rest.values())})
+    if "direction_acc15" in table:
+        for t in ("unpaved", "trail"):
+            if (transfer, t) in table.index:
+                a = get(transfer, t, "direction_acc15")
+                rows.append({"check": f"{t}: transfer direction within 15 degrees on >= 70 % of the road", "value": f"{a:.3f}", "pass": a >= 0.7})
     if retention is not None and len(retention):
         kept = retention.set_index(["model", "road_type"])["f1"]
         if (baseline, "all") in kept.index and (transfer, "all") in kept.index:

@@ -141,6 +141,17 @@ def test_report_targets_known_answers():
     assert out["paved: transfer F1 >= base F1 - 0.03"]
     rows[3]["f1"] = 0.90  # transfer paved now 0.04 below base
     assert not targets(pd.DataFrame(rows), "base", "transfer", "scratch").set_index("check")["pass"]["paved: transfer F1 >= base F1 - 0.03"]
+    # The road graph and the direction, where the summary has them.
+    apls = {"base": 0.17, "transfer": 0.53, "scratch": 0.45}
+    direction = {("transfer", "unpaved"): 0.80, ("transfer", "trail"): 0.65}
+    more = [{**r, "direction_acc15": direction.get((r["model"], r["road_type"]), 0.5)} for r in rows]
+    more += [{"model": m, "road_type": "all", "f1": 0.5, "recall": 0.5, "relaxed_f1": 0.5, "apls": a, "direction_acc15": 0.5} for m, a in apls.items()]
+    out = targets(pd.DataFrame(more), "base", "transfer", "scratch").set_index("check")
+    assert out.loc["road graph: transfer APLS > base and scratch APLS", "pass"] and out.loc["road graph: transfer APLS > base and scratch APLS", "value"] == "0.530 vs 0.170 / 0.450"
+    assert out.loc["unpaved: transfer direction within 15 degrees on >= 70 % of the road", "pass"]
+    assert not out.loc["trail: transfer direction within 15 degrees on >= 70 % of the road", "pass"]
+    more[-2]["apls"] = 0.40  # transfer's graph now below scratch's
+    assert not targets(pd.DataFrame(more), "base", "transfer", "scratch").set_index("check").loc["road graph: transfer APLS > base and scratch APLS", "pass"]
 
 
 def test_apls_pairs_are_sampled_without_listing_them():
