@@ -284,7 +284,8 @@ def test_retention_scenes_are_summed_apart(tmp_path):
     aggregate(files[:1], tmp_path / "s.csv", tmp_path / "sum.csv", out_retention=tmp_path / "ret.csv")
     empty = pd.read_csv(tmp_path / "ret.csv")
     assert empty.empty and "f1" in empty.columns
-    assert targets(summary, "base", "transfer", None, empty).empty  # no per-type rows here, and no retention check
+    checks = targets(summary, "base", "transfer", None, empty)["check"].tolist()
+    assert checks == ["road graph: transfer APLS > base APLS"]  # no per-type rows here, and no retention check
 
 
 def test_direction_accuracy_along_the_reference_lines(tmp_path):
