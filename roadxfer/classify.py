@@ -252,18 +252,16 @@ def direction_channels(orient_logits: torch.Tensor, *, reference_layout: bool) -
     return torch.stack([(1 + c) / 2, (1 + s) / 2], 1)
 
 
-def direction_degrees(channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Direction (degrees clockwise from grid north, 0-180) and certainty (0-1) from :func:`direction_channels`."""
-    c, s = 2 * channels[0].astype(np.float64) - 1, 2 * channels[1].astype(np.float64) - 1
-    ccw = 0.5 * np.degrees(np.arctan2(s, c))  # from +x, counter-clockwise on screen
-    return np.mod(90.0 - ccw, 180.0), np.hypot(c, s)
+def direction_degrees(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direction (degrees clockwise from grid north, 0-180) and certainty (0-1) from :func:`direction_channels`, on their device."""
+    c, s = channels[0] * 2 - 1, channels[1] * 2 - 1
+    ccw = 0.5 * torch.rad2deg(torch.atan2(s, c))  # from +x, counter-clockwise on screen
+    return torch.remainder(90.0 - ccw, 180.0), torch.hypot(c, s)
 
 
 def direction_uint8(channels: torch.Tensor) -> torch.Tensor:
-    """:func:`direction_degrees` rounded to whole degrees (0-179) as uint8, on the channels' device (no float64 pass)."""
-    c, s = channels[0] * 2 - 1, channels[1] * 2 - 1
-    deg = torch.remainder(90.0 - 0.5 * torch.rad2deg(torch.atan2(s, c)), 180.0)
-    return torch.remainder(torch.round(deg), 180.0).to(torch.uint8)
+    """:func:`direction_degrees` rounded to whole degrees (0-179) as uint8."""
+    return torch.remainder(torch.round(direction_degrees(channels)[0]), 180.0).to(torch.uint8)
 
 
 def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False, direction: bool = False) -> PredictFn:

@@ -406,21 +406,24 @@ def test_direction_channels_known_answers():
     """All mass on one bin gives its centre angle at full certainty; the reference's bins run clockwise."""
     from roadxfer.classify import direction_channels, direction_degrees
 
+    def angle(channels: torch.Tensor) -> list[np.ndarray]:  # (degrees, certainty) in float64
+        return [t.numpy() for t in direction_degrees(channels.double())]
+
     k = 18  # 10-degree bins over 180 degrees
     logits = torch.full((1, k + 1, 1, 1), -30.0)
     logits[0, 1 + 4] = 30.0  # our bin 4: 40-50 degrees counter-clockwise from +x (east) on screen
-    deg, certainty = direction_degrees(direction_channels(logits, reference_layout=False)[0].numpy())
+    deg, certainty = angle(direction_channels(logits, reference_layout=False)[0])
     assert deg[0, 0] == pytest.approx(45.0, abs=1e-3) and certainty[0, 0] == pytest.approx(1.0, abs=1e-4)  # 45 ccw from east = 45 clockwise from north
     logits[0, 1 + 4], logits[0, 1 + 0] = -30.0, 30.0  # bin 0: 0-10 degrees ccw -> 85 degrees clockwise from north
-    assert direction_degrees(direction_channels(logits, reference_layout=False)[0].numpy())[0][0, 0] == pytest.approx(85.0, abs=1e-3)
+    assert angle(direction_channels(logits, reference_layout=False)[0])[0][0, 0] == pytest.approx(85.0, abs=1e-3)
     # The reference layout: 2k directed bins clockwise from east over 360 degrees, "no road" last.
     ref = torch.full((1, 2 * k + 1, 1, 1), -30.0)
     ref[0, 4] = ref[0, 4 + k] = 30.0  # 40-50 degrees clockwise from east, either sense: 135 clockwise from north
-    assert direction_degrees(direction_channels(ref, reference_layout=True)[0].numpy())[0][0, 0] == pytest.approx(135.0, abs=1e-3)
+    assert angle(direction_channels(ref, reference_layout=True)[0])[0][0, 0] == pytest.approx(135.0, abs=1e-3)
     # Two opposite axes with equal mass: no direction.
     logits = torch.full((1, k + 1, 1, 1), -30.0)
     logits[0, 1 + 0] = logits[0, 1 + 9] = 30.0
-    assert direction_degrees(direction_channels(logits, reference_layout=False)[0].numpy())[1][0, 0] < 1e-3
+    assert angle(direction_channels(logits, reference_layout=False)[0])[1][0, 0] < 1e-3
 
 
 @pytest.fixture(scope="module")
