@@ -550,7 +550,6 @@ def drop_faint_networks(lines: Sequence[shapely.LineString], joins: Sequence[sha
     join_tree = shapely.STRtree(list(joins)) if joins else None
     sums, counts = np.zeros(len(lines)), np.zeros(len(lines))
     with rasterio.open(probability) as src:
-        nodata = src.nodata
         for i, line in enumerate(lines):
             pts = _sample_line(line, 0.0, line.length)
             if join_tree is not None:
@@ -558,10 +557,8 @@ def drop_faint_networks(lines: Sequence[shapely.LineString], joins: Sequence[sha
                 pts = np.delete(pts, np.unique(near), axis=0)
             if not len(pts):
                 continue
-            xy = np.stack(transform * (pts[:, 0], pts[:, 1]), 1)
-            vals = np.fromiter((v[0] for v in src.sample(xy)), float, len(xy))
-            ok = np.isfinite(vals) & ((vals != nodata) if nodata is not None and np.isfinite(nodata) else True)
-            sums[i], counts[i] = vals[ok].sum() / scale, ok.sum()
+            vals = _values_at(src, np.stack(transform * (pts[:, 0], pts[:, 1]), 1))
+            sums[i], counts[i] = vals.sum() / scale, len(vals)
     keep = np.ones(len(lines), bool)
     for comp in components(lines):
         if counts[comp].sum() and sums[comp].sum() / counts[comp].sum() < min_probability:
@@ -569,15 +566,21 @@ def drop_faint_networks(lines: Sequence[shapely.LineString], joins: Sequence[sha
     return [ln for ln, k in zip(lines, keep) if k], int((~keep).sum())
 
 
+def _values_at(src: rasterio.DatasetReader, xy: np.ndarray) -> np.ndarray:
+    """Band 1 at (N, 2) points in the raster's CRS, without nodata and non-finite values."""
+    vals = np.fromiter((v[0] for v in src.sample(xy)), float, len(xy))
+    ok = np.isfinite(vals)
+    if src.nodata is not None and np.isfinite(src.nodata):
+        ok &= vals != src.nodata
+    return vals[ok]
+
+
 def line_probabilities(lines: gpd.GeoSeries, probability: str | Path, scale: float, *, step: float) -> tuple[np.ndarray, np.ndarray]:
     """Mean and minimum road probability (0-1) along each line, sampled every ``step`` CRS units."""
     means, mins = np.full(len(lines), np.nan), np.full(len(lines), np.nan)
     with rasterio.open(probability) as src:
-        nodata = src.nodata
         for i, line in enumerate(lines):
-            pts = shapely.get_coordinates(shapely.line_interpolate_point(line, np.arange(0.0, line.length + step / 2, step)))
-            vals = np.fromiter((v[0] for v in src.sample(pts)), float, len(pts))
-            vals = vals[np.isfinite(vals) & (vals != nodata)] if nodata is not None and np.isfinite(nodata) else vals[np.isfinite(vals)]
+            vals = _values_at(src, shapely.get_coordinates(shapely.line_interpolate_point(line, np.arange(0.0, line.length + step / 2, step))))
             if len(vals):
                 means[i], mins[i] = vals.mean() / scale, vals.min() / scale
     return means, mins
