@@ -175,10 +175,14 @@ StorageLoc=roadxfer_test_acct
         # The cluster must be known to slurmdbd before slurmctld registers with it.
         subprocess.run(["sacctmgr", "-i", "add", "cluster", "roadxfer-test"], env=self.env, stdout=log, stderr=log, check=True)
 
-    def _port_open(self, port: int) -> bool:
+    def _check_alive(self) -> None:
+        """Fail at once, naming it, when a daemon started for the cluster has exited."""
         for p in self.procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see {self.root}/log")
+
+    def _port_open(self, port: int) -> bool:
+        self._check_alive()
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
@@ -211,9 +215,7 @@ StorageLoc=roadxfer_test_acct
         self._wait(self._idle, timeout, "the node did not become idle")
 
     def _idle(self) -> bool:
-        for p in self.procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see {self.root}/log")
+        self._check_alive()
         out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
         return out.returncode == 0 and "idle" in out.stdout
 
