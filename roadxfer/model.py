@@ -72,17 +72,30 @@ class FreezableEncoder(nn.Module):
 
     encoder: nn.Module
     encoder_frozen: bool = False
+    encoder_train_bn: bool = False
 
-    def freeze_encoder(self, frozen: bool = True) -> None:
+    def freeze_encoder(self, frozen: bool = True, *, train_bn: bool = False) -> None:
+        """Freeze (or release) the encoder; ``train_bn`` keeps its BatchNorm layers learning, as fastai's ``freeze`` does.
+
+        With ``train_bn`` the frozen encoder's convolutions keep their weights while its
+        BatchNorm scales, shifts and statistics adapt to the new imagery and samples.
+        """
         self.encoder_frozen = frozen
-        for p in self.encoder.parameters():
-            p.requires_grad_(not frozen)
+        self.encoder_train_bn = frozen and train_bn
+        for m in self.encoder.modules():
+            bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(not frozen or (self.encoder_train_bn and bn))
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FreezableEncoder:
         super().train(mode)
         if self.encoder_frozen:
             self.encoder.eval()
+            if mode and self.encoder_train_bn:
+                for m in self.encoder.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train()
         return self
 
 

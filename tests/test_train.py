@@ -97,6 +97,26 @@ def test_frozen_encoder_is_not_in_the_optimiser():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4])
 
 
+def test_train_bn_keeps_the_frozen_encoders_batchnorm_learning(tiles, base_package, tmp_path):
+    out = tmp_path / "bn"
+    train([tiles["transfer"]], out, TrainConfig(**{**FAST, "freeze": True, "train_bn": True}), classes=ROAD, pretrained=base_package, threads=1)
+    before, after = _state(base_package), _state(out)
+    enc = [k for k in before if k.startswith("encoder.")]
+    bn = {k for k in enc if k.endswith((".running_mean", ".running_var", ".num_batches_tracked")) or k.replace(".weight", ".running_mean") in before and k.endswith(".weight") or k.endswith(".bias") and k.replace(".bias", ".running_mean") in before}
+    conv = [k for k in enc if k not in bn]
+    assert conv and all(torch.equal(before[k], after[k]) for k in conv)  # convolutions stay frozen
+    changed = {k.rsplit(".", 1)[1] for k in bn if not torch.equal(before[k], after[k])}
+    assert {"weight", "bias", "running_mean", "running_var"} <= changed
+    model = MultiTaskRoadModel(ModelSpec(backbone="resnet18"))
+    model.freeze_encoder(True, train_bn=True)
+    model.train()
+    assert not model.encoder.training and model.encoder.bn1.training
+    in_opt = {id(p) for g in make_optimizer(model, TrainConfig(freeze=True, train_bn=True), encoder_trainable=False).param_groups for p in g["params"]}
+    assert id(model.encoder.bn1.weight) in in_opt and id(model.encoder.conv1.weight) not in in_opt
+    model.eval()
+    assert not model.encoder.bn1.training
+
+
 def test_unfreeze_after_trains_the_encoder_later(tiles, base_package, tmp_path):
     out = tmp_path / "unfrozen"
     train([tiles["transfer"]], out, TrainConfig(**{**FAST, "epochs": 2, "freeze": True, "unfreeze_after": 1}), classes=ROAD, pretrained=base_package, threads=1)
