@@ -133,7 +133,8 @@ def clean_network(lines: Sequence[shapely.LineString], spur: float, min_length: 
         for line in lines:
             a, b = (degree[k] for k in _end_keys(line))
             dangling = (a == 1) != (b == 1)
-            keep.append(not (dangling and line.length < spur))
+            # A closed line shorter than a spur is no road loop: a junction's pixel cluster, or two junctions snapped into one.
+            keep.append(not ((dangling or line.is_closed) and line.length < spur))
         if all(keep):
             break
         lines = _merge([line for line, k in zip(lines, keep) if k])

@@ -287,6 +287,24 @@ def test_clean_network_drops_spurs_and_specks_but_never_cuts_a_road():
     assert not g.intersects(shapely.box(299, 299, 304, 301))
 
 
+def test_clean_network_drops_tiny_loops_but_keeps_a_loop_road():
+    from shapely import LineString
+
+    # A junction's pixel ring (two junctions snapped into one leave such a closed piece)
+    # splits the road at its node; a 60 px loop road (a cul-de-sac) is a real road.
+    lines = [
+        LineString([(0, 0), (50, 0)]),
+        LineString([(50, 0), (100, 0)]),
+        LineString([(50, 0), (51, 1), (50, 2), (49, 1), (50, 0)]),  # closed, 5.7 px
+        LineString([(100, 0), (100, 20), (120, 20), (120, 0), (100, 0)]),  # closed, 80 px at the road's end
+    ]
+    out = cl.clean_network(lines, spur=10, min_length=10)
+    assert not any(ln.is_closed and ln.length < 10 for ln in out)
+    open_lines = [ln for ln in out if not ln.is_closed]
+    assert len(open_lines) == 1 and open_lines[0].length == pytest.approx(100)  # one road through the former ring's node
+    assert shapely.union_all(out).length == pytest.approx(100 + 80)
+
+
 def test_centrelines_of_a_ragged_road_stay_connected(tmp_path):
     rng = np.random.default_rng(0)
     m = np.zeros((80, 400), np.uint8)
