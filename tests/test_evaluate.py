@@ -280,6 +280,18 @@ def test_retention_scenes_are_summed_apart(tmp_path):
     assert retention.loc["base", "f1"] == pytest.approx(180 / 190, abs=1e-4) and retention.loc["transfer", "f1"] == pytest.approx(100 / 190, abs=1e-4)
     check = targets(summary, "base", "transfer", None, pd.read_csv(tmp_path / "ret.csv")).set_index("check")
     assert not check.loc["retention: transfer F1 >= base F1 - 0.03 on the base domain's scenes", "pass"]
+    # Scored per road type the base model knew: a transfer model that also finds the new roads
+    # in the retention scenes keeps its paved F1 (the same pixels as one "all" row fail).
+    per_type = pd.DataFrame([{"model": m, "road_type": t, "f1": f} for m, t, f in
+                             [("base", "paved", 0.90), ("base", "unpaved", 0.0), ("base", "all", 0.60),
+                              ("transfer", "paved", 0.89), ("transfer", "unpaved", 0.70), ("transfer", "all", 0.50)]])
+    check = targets(summary, "base", "transfer", None, per_type, ["paved"]).set_index("check")
+    assert check.loc["retention (paved): transfer F1 >= base F1 - 0.03 on the base domain's scenes", "pass"]
+    assert not any(c.startswith("retention: ") for c in check.index)
+    assert not targets(summary, "base", "transfer", None, per_type).set_index("check").loc[
+        "retention: transfer F1 >= base F1 - 0.03 on the base domain's scenes", "pass"]
+    missing = targets(summary, "base", "transfer", None, per_type, ["gravel"]).set_index("check")
+    assert not missing.loc["retention (gravel): transfer F1 >= base F1 - 0.03 on the base domain's scenes", "pass"]  # named, not skipped
     # No retention scene: an empty table with the summary's columns, and no retention check.
     aggregate(files[:1], tmp_path / "s.csv", tmp_path / "sum.csv", out_retention=tmp_path / "ret.csv")
     empty = pd.read_csv(tmp_path / "ret.csv")
