@@ -1,6 +1,6 @@
 """Benchmark of whole-scene classification (step 4). Prints figures; asserts nothing.
 
-  python bench/bench_classify.py [--size 1024] [--backbone resnet34] [--tile 256] [--batch 8] [--device cuda] [--no-direction]
+  python bench/bench_classify.py [--size 1024] [--backbone resnet34] [--tile 256] [--batch 8] [--device cuda] [--no-direction] [--no-background-io]
 
 * tiles/s through the whole classification (read, normalise, model, blend, write)
   versus bare model forward on tensors in memory, same model, batch and device
@@ -37,7 +37,7 @@ def child(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     s = classify_scene(args.image, args.package, args.out, out_probability=args.out.with_name("p.tif"),
                        out_direction=args.out.with_name("d.tif") if args.direction else None,
-                       settings=ClassifySettings(batch_size=args.batch, device=args.device), threads=args.threads)
+                       settings=ClassifySettings(batch_size=args.batch, device=args.device, background_io=args.background_io), threads=args.threads)
     print(json.dumps({"seconds": s["seconds"], "tiles": s["tiles"], "peak_rss_mib": peak_rss_mib()}))
 
 
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-direction", dest="direction", action="store_false", help="classes and probability only (no orientation decoder)")
+    ap.add_argument("--no-background-io", dest="background_io", action="store_false", help="read and write in the model's thread (classify.background_io: false)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--image", type=Path)
     ap.add_argument("--package", type=Path)
@@ -79,7 +80,7 @@ def main() -> None:
         bare = n * args.batch / (time.perf_counter() - t0)
         del out
         print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile} (overlap {args.tile // 4}), batch {args.batch}, threads {args.threads}, "
-              f"direction {'on' if args.direction else 'off'}")
+              f"direction {'on' if args.direction else 'off'}, background I/O {'on' if args.background_io else 'off'}")
         print(f"bare model forward: {bare:8.2f} tiles/s ({bare * args.tile**2 / 1e6:.2f} Mpx/s of tiles)")
         rows = []
         for factor in (1, 2, 4):
@@ -90,6 +91,8 @@ def main() -> None:
                 cmd += ["--device", args.device]
             if not args.direction:
                 cmd += ["--no-direction"]
+            if not args.background_io:
+                cmd += ["--no-background-io"]
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             rows.append((factor * factor, size, res))
             tps = res["tiles"] / res["seconds"]

@@ -30,6 +30,7 @@ from rasterio.windows import Window
 
 from . import IGNORE_VALUE
 from .atomic import atomic_path, check_room, scratch_dir
+from .background_io import WriteBehind, read_ahead
 from .errors import InputError
 from .package import Package, load_package
 from .radiometry import Radiometry
@@ -65,6 +66,7 @@ class ClassifySettings:
     resample: str = "auto"  # auto: on the model's grid when cell sizes differ by > 10% | always | off
     centrelines: dict[str, Any] | None = None  # road graph settings (classify.centrelines in the config)
     direction: bool = True  # predict the road direction (runs the orientation decoder); off: the direction raster is all nodata
+    background_io: bool = True  # read the next strips and write the last ones in background threads while the model runs
     device: str | None = None
     bands: tuple[int, ...] | None = None  # 1-based image bands; default: the model's training bands, else all but alpha
     rescale: dict[str, Any] | None = None  # image.rescale settings; default: the model's own (recorded in its package)
@@ -115,6 +117,7 @@ def stitch(
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
     core: Window | None = None,
+    read_depth: int = 2,
 ) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
     """Yield ``(row offset, blended probabilities (K, h, w) on device, valid mask (h, w))`` strip by strip.
 
@@ -123,6 +126,7 @@ def stitch(
     from the core's left edge): every pixel gets the same tiles, with the same weights,
     added in the same order as without ``core``, so a scene classified in shards equals
     the scene classified at once (up to the model's batch-size rounding, ~1e-7).
+    Strips are read ``read_depth`` ahead in a background thread (0: when needed).
     """
     check_geometry(tile, overlap, margin)
     H, W = info.height, info.width
@@ -137,42 +141,45 @@ def stitch(
     valid = np.zeros((tile, Wp), bool)
     weight_cache: dict[tuple[bool, bool, bool, bool], torch.Tensor] = {}
     total, done = len(rows) * len(cols), 0
-    for ri, y in enumerate(rows):
-        strip, strip_valid = read_window(src, info, Window(x0, y, Wp, tile))
-        valid |= strip_valid
-        top, bottom = y > 0, y + tile < H
-        for b0 in range(0, len(cols), batch_size):
-            batch_cols = cols[b0 : b0 + batch_size]
-            batch = np.stack([strip[:, :, c - x0 : c - x0 + tile] for c in batch_cols])
-            x = torch.from_numpy(batch).to(device, non_blocking=True).float().div_(255.0)
-            probs = predict(x)
-            for k, c in enumerate(batch_cols):
-                key = (top, bottom, c > 0, c + tile < W)
-                if key not in weight_cache:
-                    wy = edge_weights(tile, overlap, margin, top, bottom)
-                    wx = edge_weights(tile, overlap, margin, key[2], key[3])
-                    weight_cache[key] = torch.from_numpy(np.outer(wy, wx)).float().to(device)
-                wt = weight_cache[key]
-                num[:, :, c - x0 : c - x0 + tile] += probs[k].float() * wt
-                den[:, c - x0 : c - x0 + tile] += wt
-            done += len(batch_cols)
-            if progress:
-                progress(done, total)
-        gi = first + ri  # rows up to the next tile row of the whole grid are finished
-        final_end = all_rows[gi + 1] if gi + 1 < len(all_rows) else H
-        lo, hi = max(y, r0) - y, min(final_end, r1, H) - y
-        cols_out = slice(c0 - x0, c1 - x0)
-        out = num[:, lo:hi, cols_out] / den[lo:hi, cols_out].clamp_min(1e-12)
-        yield y + lo, out, valid[lo:hi, cols_out] & (den[lo:hi, cols_out] > 0).cpu().numpy()
-        if ri + 1 < len(rows):
-            shift = final_end - y  # rows of the buffer that are finished
-            keep = tile - shift
-            num[:, :keep] = num[:, shift:].clone()
-            den[:keep] = den[shift:].clone()
-            valid[:keep] = valid[shift:]
-            num[:, keep:] = 0
-            den[keep:] = 0
-            valid[keep:] = False
+    pinned = device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
+    reads = contextlib.closing(read_ahead(lambda y: read_window(src, info, Window(x0, y, Wp, tile)), rows, read_depth))
+    with reads as strips:
+        for ri, (y, (strip, strip_valid)) in enumerate(zip(rows, strips)):
+            valid |= strip_valid
+            top, bottom = y > 0, y + tile < H
+            for b0 in range(0, len(cols), batch_size):
+                batch_cols = cols[b0 : b0 + batch_size]
+                batch = np.stack([strip[:, :, c - x0 : c - x0 + tile] for c in batch_cols])
+                xb = torch.from_numpy(batch)
+                x = (xb.pin_memory() if pinned else xb).to(device, non_blocking=True).float().div_(255.0)
+                probs = predict(x)
+                for k, c in enumerate(batch_cols):
+                    key = (top, bottom, c > 0, c + tile < W)
+                    if key not in weight_cache:
+                        wy = edge_weights(tile, overlap, margin, top, bottom)
+                        wx = edge_weights(tile, overlap, margin, key[2], key[3])
+                        weight_cache[key] = torch.from_numpy(np.outer(wy, wx)).float().to(device)
+                    wt = weight_cache[key]
+                    num[:, :, c - x0 : c - x0 + tile] += probs[k].float() * wt
+                    den[:, c - x0 : c - x0 + tile] += wt
+                done += len(batch_cols)
+                if progress:
+                    progress(done, total)
+            gi = first + ri  # rows up to the next tile row of the whole grid are finished
+            final_end = all_rows[gi + 1] if gi + 1 < len(all_rows) else H
+            lo, hi = max(y, r0) - y, min(final_end, r1, H) - y
+            cols_out = slice(c0 - x0, c1 - x0)
+            out = num[:, lo:hi, cols_out] / den[lo:hi, cols_out].clamp_min(1e-12)
+            yield y + lo, out, valid[lo:hi, cols_out] & (den[lo:hi, cols_out] > 0).cpu().numpy()
+            if ri + 1 < len(rows):
+                shift = final_end - y  # rows of the buffer that are finished
+                keep = tile - shift
+                num[:, :keep] = num[:, shift:].clone()
+                den[:keep] = den[shift:].clone()
+                valid[:keep] = valid[shift:]
+                num[:, keep:] = 0
+                den[keep:] = 0
+                valid[keep:] = False
 
 
 def argmax0(probs: torch.Tensor) -> torch.Tensor:
@@ -217,11 +224,11 @@ def resampled_strips(
     coarsen = abs(transform.a) > info.cell_size
     vrt, minfo = warped(src, info, transform, width, height, Resampling.average if coarsen else Resampling.bilinear)
     profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": n_out, "dtype": "uint8", "nodata": IGNORE_VALUE, "crs": info.crs, "transform": transform}
-    with vrt, rasterio.open(scratch, "w", **profile) as dst:
+    with vrt, rasterio.open(scratch, "w", **profile) as dst, WriteBehind(4 * geometry.get("read_depth", 2)) as write:
         for y, probs, valid in stitch(vrt, minfo, predict, n_out, **geometry):
             p = torch.round(probs * 250).to(torch.uint8).cpu().numpy()
             p[:, ~valid] = IGNORE_VALUE
-            dst.write(p, window=Window(0, y, width, p.shape[1]))
+            write(dst.write, p, window=Window(0, y, width, p.shape[1]))
     device = geometry["device"]
     with rasterio.open(scratch) as model_grid, WarpedVRT(model_grid, crs=info.crs, transform=info.transform, width=info.width, height=info.height,
                                                          resampling=Resampling.bilinear, nodata=IGNORE_VALUE) as back:
@@ -396,36 +403,39 @@ def classify_scene(
         with (rasterio.open(image) as src,
               open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, prob_dtype, dir_tmp if out_direction else None)
               as (cls_dst, prob_dst, dir_dst)):
-            geometry = {"tile": tile, "overlap": overlap, "margin": margin, "batch_size": settings.batch_size, "device": device, "progress": progress}
+            depth = 2 if settings.background_io else 0
+            geometry = {"tile": tile, "overlap": overlap, "margin": margin, "batch_size": settings.batch_size, "device": device, "progress": progress, "read_depth": depth}
             strips = (stitch(src, info, predict, n_out, **geometry, core=window) if grid is None
                       else resampled_strips(src, info, grid, predict, n_out, scratch / "model_grid.tif", **geometry))
-            for y, probs, valid in strips:
-                if dir_dst is not None:
-                    if with_direction:
-                        d = direction_uint8(probs[len(values):]).cpu().numpy()
-                        d[~valid] = IGNORE_VALUE
-                        probs = probs[: len(values)]
+            # A strip's three writes queue behind the model; closing the strips stops the reader thread first.
+            with WriteBehind(4 * depth) as write, contextlib.closing(strips):
+                for y, probs, valid in strips:
+                    if dir_dst is not None:
+                        if with_direction:
+                            d = direction_uint8(probs[len(values):]).cpu().numpy()
+                            d[~valid] = IGNORE_VALUE
+                            probs = probs[: len(values)]
+                        else:
+                            d = np.full(probs.shape[1:], IGNORE_VALUE, np.uint8)
+                        write(dir_dst.write, d, 1, window=Window(0, y - r_off, width, d.shape[0]))
+                    road = 1 - probs[0]
+                    if settings.threshold is not None and n_out == 2:
+                        idx = (road >= settings.threshold).to(torch.uint8)
                     else:
-                        d = np.full(probs.shape[1:], IGNORE_VALUE, np.uint8)
-                    dir_dst.write(d, 1, window=Window(0, y - r_off, width, d.shape[0]))
-                road = 1 - probs[0]
-                if settings.threshold is not None and n_out == 2:
-                    idx = (road >= settings.threshold).to(torch.uint8)
-                else:
-                    idx = argmax0(probs)
-                cls = values[idx.cpu().numpy()]
-                cls[~valid] = IGNORE_VALUE
-                out_win = Window(0, y - r_off, width, cls.shape[0])
-                cls_dst.write(cls, 1, window=out_win)
-                if prob_dst is not None:
-                    p = road.cpu().numpy()
-                    if prob_dtype == "uint8":
-                        p = np.round(p * 250).astype(np.uint8)
-                        p[~valid] = IGNORE_VALUE
-                    else:
-                        p = p.astype(np.float32)
-                        p[~valid] = np.nan
-                    prob_dst.write(p, 1, window=out_win)
+                        idx = argmax0(probs)
+                    cls = values[idx.cpu().numpy()]
+                    cls[~valid] = IGNORE_VALUE
+                    out_win = Window(0, y - r_off, width, cls.shape[0])
+                    write(cls_dst.write, cls, 1, window=out_win)
+                    if prob_dst is not None:
+                        p = road.cpu().numpy()
+                        if prob_dtype == "uint8":
+                            p = np.round(p * 250).astype(np.uint8)
+                            p[~valid] = IGNORE_VALUE
+                        else:
+                            p = p.astype(np.float32)
+                            p[~valid] = np.nan
+                        write(prob_dst.write, p, 1, window=out_win)
         check_room(scratch)
         seconds = time.perf_counter() - t0
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
