@@ -67,7 +67,6 @@ class TrainConfig:
     keep_pretrained: bool = False  # keep what the pretrained model finds: its confident roads become labels
     keep_threshold: float = 0.5
     rehearsal_fraction: float = 0.25  # with rehearsal datasets: their share of the tiles of each epoch
-    rehearsal_background: bool = True  # false: only the rehearsal tiles' roads count (their labels may leave the new roads out)
     reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
 
     @classmethod
@@ -316,18 +315,6 @@ def epoch_indexes(train_idx: np.ndarray, rehearsal_idx: np.ndarray, fraction: fl
     return np.concatenate([train_idx, np.sort(rng.choice(rehearsal_idx, k, replace=False))])
 
 
-def ignore_background(data: TileData) -> None:
-    """Make the background of ``data`` unknown (ignore) in place: only its labelled roads count.
-
-    The base domain's labels say nothing of the new road type (a base model's corpus with
-    only paved roads traced shows its dirt roads as background); rehearsing on them as
-    labelled would teach the new model to drop the roads it is learning.
-    """
-    bg = data.seg == 0
-    data.seg[bg] = IGNORE_VALUE
-    data.orient[bg] = IGNORE_VALUE
-
-
 def append_tiles(data: TileData, more: TileData) -> np.ndarray:
     """Append ``more``'s tiles to ``data`` in place (scenes renumbered); returns their indexes."""
     if (more.tile_size, more.bands) != (data.tile_size, data.bands):
@@ -490,8 +477,6 @@ def train(
     rehearsal_idx, rehearsal_record = np.zeros(0, np.int64), None
     if rehearsal:
         old = _read_tiles(rehearsal, classes, cfg)
-        if not cfg.rehearsal_background:
-            ignore_background(old)
         rehearsal_idx = append_tiles(data, old)
         rehearsal_record = {"sources": old.sources, "scenes": old.scenes, "tiles": len(old), "fraction": cfg.rehearsal_fraction}
         drawn = rehearsal_count(len(train_idx), len(rehearsal_idx), cfg.rehearsal_fraction)

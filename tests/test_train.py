@@ -330,20 +330,6 @@ def test_validation_split_keeps_a_few_scenes_for_training():
     assert len(set(fake.scene[val_scene])) == 1
 
 
-def test_rehearsal_background_can_be_left_unknown():
-    """With rehearsal_background false only the rehearsal tiles' roads are labels: their background, which may hide
-    roads of the new type, is ignored by both losses."""
-    from roadxfer.data import TileData
-    from roadxfer.train import ignore_background
-
-    seg = np.array([[[0, 1], [255, 0]]], np.uint8)
-    orient = np.array([[[0, 3], [255, 0]]], np.uint8)
-    data = TileData(images=np.zeros((1, 3, 2, 2), np.uint8), seg=seg.copy(), orient=orient.copy(), scene=np.zeros(1, int), scenes=["old"],
-                    classes=ROAD, tile_size=2, bands=3, cell_size=0.3, sources=["old"])
-    ignore_background(data)
-    assert data.seg.tolist() == [[[255, 1], [255, 255]]] and data.orient.tolist() == [[[255, 3], [255, 255]]]
-
-
 def test_rehearsal_mixes_a_share_of_old_tiles_into_each_epoch(tiles, base_package, tmp_path, caplog):
     """Each epoch holds every new training tile plus a fresh draw of rehearsal tiles making up the configured share."""
     from roadxfer.train import epoch_indexes, rehearsal_count
