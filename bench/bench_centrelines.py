@@ -18,13 +18,15 @@ Figures per case: lines, lines per km of truth (and the truth's own, as drawn an
 its crossings: one line per edge of its graph, as roadxfer writes them), median line length,
 APLS against the truth (10 m spacing, 4 m snap), seconds and peak RSS of vectorisation
 plus APLS. ``--code DIR`` runs another checkout's roadxfer (before/after tables);
-``--no-direction`` vectorises the model's predictions without the direction raster the
+``--model`` classifies the scenes with another package (e.g. the demo's
+transfer model, ``results/models/transfer``); ``--no-direction`` vectorises the model's predictions without the direction raster the
 model predicts (the degraded truth and noise cases have none).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -91,7 +93,7 @@ def noise_case(folder: Path) -> None:
     gpd.GeoDataFrame({"road_type": []}, geometry=[], crs="EPSG:32611").to_file(folder / "truth.gpkg", layer="roads")
 
 
-def prepare(data: Path) -> dict[str, dict[str, str]]:
+def prepare(data: Path, model: Path = MODEL) -> dict[str, dict[str, str]]:
     sys.path.insert(0, str(ROOT))
     from roadxfer.classify import ClassifySettings, classify_scene
     from roadxfer.demo import write_scene
@@ -107,9 +109,9 @@ def prepare(data: Path) -> dict[str, dict[str, str]]:
                 write_scene(seed, image, truth, size=1024)
         else:
             image, truth = VEGAS / "RGB-PanSharpen_AOI_2_Vegas_img0.tif", VEGAS / "AOI_2_Vegas_img0.geojson"
-        pred = folder / "prediction"
+        pred = folder / ("prediction" if model == MODEL else f"prediction-{model.name}")
         if not (pred / "direction.tif").exists():  # the model's road direction too (direction-guided bridging)
-            classify_scene(image, MODEL, pred / "classes.tif", out_probability=pred / "probability.tif", out_direction=pred / "direction.tif",
+            classify_scene(image, model, pred / "classes.tif", out_probability=pred / "probability.tif", out_direction=pred / "direction.tif",
                            settings=ClassifySettings(threshold=0.5))
         cases[f"{name} (model)"] = {"folder": str(pred), "truth": str(truth)}
         deg = folder / "degraded"
@@ -136,7 +138,7 @@ def child(args: argparse.Namespace) -> None:
 
     case = json.loads(args.case)
     folder = Path(case["folder"])
-    out = folder / f"centrelines-{abs(hash(str(args.code))) % 10_000}.gpkg"
+    out = folder / f"centrelines-{hashlib.sha256(str(args.code).encode()).hexdigest()[:8]}.gpkg"  # one per checkout, rewritten each run
     t0 = time.perf_counter()
     guide = {"direction": folder / "direction.tif"} if args.direction and (folder / "direction.tif").exists() else {}
     centrelines_from_raster(folder / "classes.tif", out, classes=[{"value": 1, "name": "road"}], min_length=5.0, bridge=10.0,
@@ -162,6 +164,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("/tmp/roadxfer-bench-centrelines"))
     ap.add_argument("--code", type=Path, default=ROOT)
+    ap.add_argument("--model", type=Path, default=MODEL, help="package that classifies the scenes (default: the reference tool's model)")
     ap.add_argument("--no-direction", dest="direction", action="store_false",
                     help="vectorise the model's predictions without their direction raster (as before direction-guided bridging)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -170,8 +173,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    cases = prepare(args.data)
-    print(f"code: {args.code}; model predictions bridged {'along their direction raster' if args.direction else 'by the skeleton only'}")
+    cases = prepare(args.data, args.model)
+    print(f"code: {args.code}; model {args.model}; model predictions bridged {'along their direction raster' if args.direction else 'by the skeleton only'}")
     print("| case | lines | lines/km (truth as drawn; truth noded at crossings) | median m (truth) | km found (truth) | APLS | s vectorise | s + APLS | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, case in cases.items():
