@@ -66,3 +66,23 @@ def test_demo_brings_the_shipped_model_and_pretraining_makes_it():
     assert _jobs(pretrain, "train_model") == 1 and _jobs(pretrain, "demo_scene") == 48
     tune = _dry_run("config/demo.yaml", "config/tune.yaml")
     assert "demo_tune_01" in tune and "demo_final_01" not in tune
+    assert _jobs(tune, "demo_scene") == 3 + 5 + 5 + 3  # base, retention for tuning, tuning, transfer scenes
+    holdout = _dry_run("config/demo.yaml", "config/holdout.yaml")
+    assert _jobs(holdout, "demo_scene") == _jobs(demo, "demo_scene") and _jobs(holdout, "train_model") == 2
+
+
+def test_seed_sets_are_disjoint():
+    """Pretraining, demo, tuning and holdout scenes never share a seed (README, "Seeds"); the holdout replaces the final scenes."""
+    import yaml
+
+    def seeds(name: str) -> dict[str, int]:
+        cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+        return {s: v["seed"] for s, v in cfg.get("demo", {}).get("scenes", {}).items()}
+
+    demo, tune, holdout = seeds("config.yaml"), seeds("tune.yaml"), seeds("holdout.yaml")
+    shared = {s: v for s, v in demo.items() if s.startswith(("demo_base", "demo_transfer"))}  # used by all three
+    final = {s: v for s, v in demo.items() if s not in shared}
+    assert set(holdout) == set(final)  # every final test and retention scene is replaced
+    sets = [set(seeds("pretrain.yaml").values()), set(shared.values()), set(final.values()), set(tune.values()) - set(shared.values()), set(holdout.values())]
+    assert all(sets)
+    assert sum(map(len, sets)) == len(set().union(*sets))
