@@ -9,6 +9,7 @@ whose state dict is the reference's, key for key. No weights are downloaded
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,19 +74,28 @@ class FreezableEncoder(nn.Module):
     encoder: nn.Module
     encoder_frozen: bool = False
     encoder_train_bn: bool = False
+    encoder_trainable: tuple[str, ...] = ()
 
-    def freeze_encoder(self, frozen: bool = True, *, train_bn: bool = False) -> None:
+    def freeze_encoder(self, frozen: bool = True, *, train_bn: bool = False, trainable: Sequence[str] = ()) -> None:
         """Freeze (or release) the encoder; ``train_bn`` keeps its BatchNorm layers learning, as fastai's ``freeze`` does.
 
         With ``train_bn`` the frozen encoder's convolutions keep their weights while its
         BatchNorm scales, shifts and statistics adapt to the new imagery and samples.
+        ``trainable`` names encoder stages (its children, e.g. ``conv1``, ``bn1``,
+        ``layer1``) that keep learning while the rest is frozen.
         """
+        stages = dict(self.encoder.named_children())
+        unknown = [s for s in trainable if s not in stages]
+        if unknown:
+            raise InputError(None, f"encoder stage(s) {unknown} not in this model's encoder", f"choose among {list(stages)}")
         self.encoder_frozen = frozen
         self.encoder_train_bn = frozen and train_bn
+        self.encoder_trainable = tuple(trainable) if frozen else ()
+        released = {id(p) for s in self.encoder_trainable for p in stages[s].parameters()}
         for m in self.encoder.modules():
             bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
             for p in m.parameters(recurse=False):
-                p.requires_grad_(not frozen or (self.encoder_train_bn and bn))
+                p.requires_grad_(not frozen or (self.encoder_train_bn and bn) or id(p) in released)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FreezableEncoder:
@@ -96,6 +106,10 @@ class FreezableEncoder(nn.Module):
                 for m in self.encoder.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.train()
+            if mode:
+                stages = dict(self.encoder.named_children())
+                for s in self.encoder_trainable:
+                    stages[s].train()
         return self
 
 

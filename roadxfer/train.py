@@ -59,6 +59,7 @@ class TrainConfig:
     unfreeze_after: int | None = None
     unfreeze_lr_factor: float = 0.1
     train_bn: bool = False  # frozen encoder: its BatchNorm layers still learn (fastai's freeze)
+    trainable_stages: tuple[str, ...] = ()  # frozen encoder: these stages (e.g. conv1, bn1, layer1) still learn
     encoder_checkpoint: str | None = None
     orientation_bin_size: int = 10
     augment: dict[str, Any] = field(default_factory=lambda: {"flips": True, "rot90": True, "color_jitter": 0.1})
@@ -169,7 +170,7 @@ def orientation_io(model: torch.nn.Module, ori_logits: torch.Tensor, ori_t: torc
 def make_optimizer(model: MultiTaskRoadModel, cfg: TrainConfig, *, encoder_trainable: bool) -> torch.optim.Optimizer:
     """Frozen encoder parameters are not in the optimiser at all; unfrozen ones get a lower LR."""
     rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    if not encoder_trainable:  # a frozen encoder's BatchNorm layers, where train_bn keeps them learning
+    if not encoder_trainable:  # the parts of a frozen encoder that train_bn or trainable_stages keep learning
         rest += [p for p in model.encoder.parameters() if p.requires_grad]
     groups = [{"params": rest, "lr": cfg.lr}]
     if encoder_trainable:
@@ -509,7 +510,7 @@ def train(
             log.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
         else:
             log.warning("%s belongs to other settings or data: starting over", ckpt_path)
-    model.freeze_encoder(frozen_now, train_bn=cfg.train_bn)
+    model.freeze_encoder(frozen_now, train_bn=cfg.train_bn, trainable=cfg.trainable_stages)
     optimizer = make_optimizer(model, cfg, encoder_trainable=not frozen_now)
     if start_epoch:
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -117,6 +117,30 @@ def test_train_bn_keeps_the_frozen_encoders_batchnorm_learning(tiles, base_packa
     assert not model.encoder.bn1.training
 
 
+def test_trainable_stages_learn_while_the_rest_of_the_encoder_stays_frozen():
+    model = MultiTaskRoadModel(ModelSpec(backbone="resnet18"))
+    model.freeze_encoder(True, trainable=["conv1", "bn1", "layer1"])
+    model.train()
+    assert model.encoder.layer1.training and model.encoder.bn1.training and not model.encoder.layer2.training
+    opt = make_optimizer(model, TrainConfig(freeze=True, trainable_stages=("conv1", "bn1", "layer1")), encoder_trainable=False)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert {id(p) for p in model.encoder.layer1.parameters()} <= in_opt and id(model.encoder.conv1.weight) in in_opt
+    assert not in_opt & {id(p) for p in model.encoder.layer2.parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 3, 64, 64)
+    seg, ori = model(x)
+    (seg.mean() + ori.mean()).backward()
+    opt.step()
+    after = model.state_dict()
+    assert not torch.equal(before["encoder.layer1.0.conv1.weight"], after["encoder.layer1.0.conv1.weight"])
+    assert torch.equal(before["encoder.layer2.0.conv1.weight"], after["encoder.layer2.0.conv1.weight"])
+    assert torch.equal(before["encoder.layer3.0.bn1.running_mean"], after["encoder.layer3.0.bn1.running_mean"])  # frozen stages keep their statistics
+    with pytest.raises(InputError, match="layer9"):
+        model.freeze_encoder(True, trainable=["layer9"])
+    model.freeze_encoder(False)
+    assert model.encoder_trainable == () and all(p.requires_grad for p in model.encoder.parameters())
+
+
 def test_unfreeze_after_trains_the_encoder_later(tiles, base_package, tmp_path):
     out = tmp_path / "unfrozen"
     train([tiles["transfer"]], out, TrainConfig(**{**FAST, "epochs": 2, "freeze": True, "unfreeze_after": 1}), classes=ROAD, pretrained=base_package, threads=1)
