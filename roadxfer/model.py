@@ -73,8 +73,8 @@ class FreezableEncoder(nn.Module):
 
     encoder: nn.Module
     encoder_frozen: bool = False
-    encoder_train_bn: bool = False
     encoder_trainable: tuple[str, ...] = ()
+    _encoder_learning: tuple[nn.Module, ...] = ()  # parts of a frozen encoder that still learn (train mode, gradients)
 
     def freeze_encoder(self, frozen: bool = True, *, train_bn: bool = False, trainable: Sequence[str] = ()) -> None:
         """Freeze (or release) the encoder; ``train_bn`` keeps its BatchNorm layers learning, as fastai's ``freeze`` does.
@@ -89,27 +89,20 @@ class FreezableEncoder(nn.Module):
         if unknown:
             raise InputError(None, f"encoder stage(s) {unknown} not in this model's encoder", f"choose among {list(stages)}")
         self.encoder_frozen = frozen
-        self.encoder_train_bn = frozen and train_bn
         self.encoder_trainable = tuple(trainable) if frozen else ()
-        released = {id(p) for s in self.encoder_trainable for p in stages[s].parameters()}
-        for m in self.encoder.modules():
-            bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(not frozen or (self.encoder_train_bn and bn) or id(p) in released)
+        bns = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen and train_bn else []
+        self._encoder_learning = (*bns, *(stages[s] for s in self.encoder_trainable))
+        released = {id(p) for m in self._encoder_learning for p in m.parameters()}
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen or id(p) in released)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FreezableEncoder:
         super().train(mode)
         if self.encoder_frozen:
             self.encoder.eval()
-            if mode and self.encoder_train_bn:
-                for m in self.encoder.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.train()
-            if mode:
-                stages = dict(self.encoder.named_children())
-                for s in self.encoder_trainable:
-                    stages[s].train()
+            for m in self._encoder_learning if mode else ():
+                m.train()
         return self
 
 
