@@ -22,11 +22,11 @@ demo: $(STAMP)
 
 # Re-make the shipped pretrained model (about an hour on 2 cores): 48 generated scenes,
 # then a float16 copy to share under resources/pretrained/ (README, "The shipped pretrained model").
-PRETRAINED := resources/pretrained/paved-r18
+PRETRAINED := resources/pretrained/paved-unet-r18
 pretrain: $(STAMP)
 	$(BIN)/snakemake --workflow-profile profiles/local --configfile config/pretrain.yaml --cores $(CORES)
 	$(BIN)/python -m roadxfer share results/models/base $(PRETRAINED)
-	sha256sum $(PRETRAINED)/paved-r18.pth
+	sha256sum $(PRETRAINED)/paved-unet-r18.pth
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -9,10 +9,12 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import yaml
 from rasterio.transform import from_origin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SHIPPED_MODEL = ROOT / yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["models"]["base"]["package"]  # the shipped pretrained model the demo brings
 
 UTM = "EPSG:32611"
 X0, Y0 = 500_000.0, 4_000_000.0

@@ -12,7 +12,7 @@ import rasterio.warp
 import shapely
 import torch
 import torch.nn.functional as F
-from conftest import make_raster, make_vectors
+from conftest import SHIPPED_MODEL, make_raster, make_vectors
 from shapely.geometry import LineString
 
 from roadxfer import IGNORE_VALUE
@@ -474,8 +474,7 @@ def test_the_direction_raster_follows_the_roads(tmp_path, demo_scene, tta):
     """The shipped model's predicted direction, written as degrees clockwise from north, runs along the paved roads
     of a scene it never saw, with and without TTA (whose views turn the direction channels back)."""
     image, labels = demo_scene
-    pretrained = Path(__file__).resolve().parents[1] / "resources" / "pretrained" / "paved-r18"
-    classify_scene(image, pretrained, tmp_path / "c.tif", out_direction=tmp_path / "d.tif", settings=ClassifySettings(tta=tta))
+    classify_scene(image, SHIPPED_MODEL, tmp_path / "c.tif", out_direction=tmp_path / "d.tif", settings=ClassifySettings(tta=tta))
     with rasterio.open(tmp_path / "d.tif") as ds:
         assert ds.dtypes[0] == "uint8" and ds.nodata == 255 and "clockwise from grid north" in ds.descriptions[0]
         assert ds.read(1).max() < 180

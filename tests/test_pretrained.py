@@ -5,24 +5,22 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import rasterio
+from conftest import ROOT
+from conftest import SHIPPED_MODEL as SHIPPED
 
 from roadxfer.package import load_package, sha256_file
-
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "resources" / "pretrained" / "paved-r18"
 
 
 def test_shipped_model_loads_its_checksum_is_in_the_readme_and_it_is_small():
     pkg = load_package(SHIPPED)
-    weights = SHIPPED / "paved-r18.pth"
+    weights = SHIPPED / f"{SHIPPED.name}.pth"
     digest = sha256_file(weights)
-    assert re.search(rf"paved-r18\.pth[^\n]*\n?[^\n]*{digest}", (ROOT / "README.md").read_text()), "README does not give the shipped weights' sha256"
+    assert re.search(rf"{re.escape(weights.name)}[^\n]*\n?[^\n]*{digest}", (ROOT / "README.md").read_text()), "README does not give the shipped weights' sha256"
     assert pkg.weights_sha256 == digest
     assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 50 * 2**20
-    assert (pkg.spec.arch, pkg.spec.backbone, pkg.tile_size, [c["Name"] for c in pkg.classes]) == ("linknet", "resnet18", 128, ["road"])
+    assert (pkg.spec.arch, pkg.spec.backbone, pkg.tile_size, [c["Name"] for c in pkg.classes]) == ("unet", "resnet18", 128, ["road"])
     lineage = pkg.emd["roadxfer"]
     assert lineage["shared_from"]["dtype"] == "float16" and lineage["training_data"]["tiles"] > 1000
     assert len(lineage["training_data"]["scenes"]) == 48
