@@ -26,7 +26,7 @@ PRETRAINED := resources/pretrained/paved-unet-r18
 pretrain: $(STAMP)
 	$(BIN)/snakemake --workflow-profile profiles/local --configfile config/pretrain.yaml --cores $(CORES)
 	$(BIN)/python -m roadxfer share results/models/base $(PRETRAINED)
-	sha256sum $(PRETRAINED)/paved-unet-r18.pth
+	sha256sum $(PRETRAINED)/$(notdir $(PRETRAINED)).pth
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
