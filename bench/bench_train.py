@@ -1,11 +1,13 @@
 """Benchmark of the training loop (step 3). Prints figures; asserts nothing.
 
-  python bench/bench_train.py [--arch linknet|unet|linknet34_mtl] [--backbone resnet34] [--tile 256] [--batch 8] [--steps 8] [--device cpu|cuda]
+  python bench/bench_train.py [--arch linknet|unet|linknet34_mtl] [--backbone resnet34] [--tile 256] [--batch 8] [--steps 8] [--device cpu|cuda] [--precision auto|fp32|bf16|fp16 ...]
 
 * samples/s through the real training loop (DataLoader from Classified Tiles in memory,
   augmentation, loss, optimiser) versus bare training steps on tensors already in
   memory, same model and batch; their ratio (goal >= 0.9);
-* per-step speed-up of the frozen encoder over full fine-tuning (goal >= 1.8x for LinkNet-34).
+* per-step speed-up of the frozen encoder over full fine-tuning (goal >= 1.8x for LinkNet-34);
+* with several ``--precision`` values: bare steps per precision and each one's speed-up
+  over the first (``training.precision``; e.g. ``--precision fp32 auto``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from roadxfer.demo import write_scene  # noqa: E402
 from roadxfer.labels import LabelSettings, rasterize_scene  # noqa: E402
 from roadxfer.model import build_model  # noqa: E402
 from roadxfer.tiles import TileSettings, export_tiles  # noqa: E402
-from roadxfer.train import TrainConfig, _attach_io, make_optimizer, make_scaler, model_spec, pick_device, set_threads, train_step  # noqa: E402
+from roadxfer.train import TrainConfig, _attach_io, amp_dtype, channels_last, make_optimizer, make_scaler, model_spec, pick_device, set_threads, train_step  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
@@ -54,10 +56,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default=None)
+    ap.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16", "fp16"])
     args = ap.parse_args()
     workers = set_threads(args.threads)
     dev = pick_device(args.device)
-    cfg = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch)
+    cfg = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch, precision=args.precision[0])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         write_scene(21, tmp / "s.tif", tmp / "s.gpkg", size=1024)
@@ -70,17 +73,21 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda")
     in_memory = [tuple(t.to(dev) for t in b) for b in torch.utils.data.DataLoader(dataset, batch_size=args.batch, drop_last=True)]
 
-    def fresh(frozen: bool):
+    def fresh(frozen: bool, cfg: TrainConfig = cfg):
         torch.manual_seed(0)
         model = build_model(model_spec(cfg, bands=3, n_classes=1, pretrained_spec=None)).to(dev)
-        if dev.type == "cuda":
+        if channels_last(dev):
             model.to(memory_format=torch.channels_last)
         _attach_io(model, [0.5] * 3, [0.25] * 3, 10, dev)
         model.freeze_encoder(frozen)
         model.train()
-        return model, make_optimizer(model, cfg, encoder_trainable=not frozen), make_scaler(dev)
+        return model, make_optimizer(model, cfg, encoder_trainable=not frozen), make_scaler(dev, amp_dtype(dev, cfg.precision))
 
-    print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile}, batch {args.batch}, {args.steps} timed steps, torch threads {torch.get_num_threads()}, loader workers {workers}")
+    def dtype_name(precision: str) -> str:
+        return str(amp_dtype(dev, precision) or torch.float32).removeprefix("torch.")
+
+    print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile}, batch {args.batch}, {args.steps} timed steps, torch threads {torch.get_num_threads()}, loader workers {workers}, "
+          f"precision {args.precision[0]} ({dtype_name(args.precision[0])})")
     res = {}
     for frozen in (False, True):
         m, o, s = fresh(frozen)
@@ -91,6 +98,14 @@ def main() -> None:
         label = "frozen encoder" if frozen else "full fine-tune"
         print(f"{label:15s} real loop {args.batch / loop:7.2f} samples/s   bare step {args.batch / bare:7.2f} samples/s   ratio {bare / loop:.2f} (goal >= 0.9)")
     print(f"frozen-encoder speed-up per step: {res[False] / res[True]:.2f}x (goal >= 1.8x for LinkNet-34)")
+    for precision in args.precision[1:]:
+        other = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch, precision=precision)
+        for frozen in (False, True):
+            m, o, s = fresh(frozen, other)
+            t = timed_steps(m, o, s, in_memory, dev, other)
+            label = "frozen encoder" if frozen else "full fine-tune"
+            print(f"precision {precision} ({dtype_name(precision)}), {label:15s} bare step {args.batch / t:7.2f} samples/s, "
+                  f"{res[frozen] / t:.2f}x the {args.precision[0]} ({dtype_name(args.precision[0])}) step")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .radiometry import Radiometry
 from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, check_written, image_info, read_window, resampled_grid, warped
 from .styles import classes_qml, colour_table, complete_classes, probability_qml, raster_tags, rat_aux_xml
 from .raster import tile_starts as starts
-from .train import amp_dtype, pick_device, set_threads
+from .train import amp_dtype, channels_last, pick_device, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ClassifySettings:
     direction: bool = True  # predict the road direction (runs the orientation decoder); off: the direction raster is all nodata
     background_io: bool = True  # read the next strips and write the last ones in background threads while the model runs
     device: str | None = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (roadxfer.train.amp_dtype)
     bands: tuple[int, ...] | None = None  # 1-based image bands; default: the model's training bands, else all but alpha
     rescale: dict[str, Any] | None = None  # image.rescale settings; default: the model's own (recorded in its package)
 
@@ -271,24 +272,28 @@ def direction_uint8(channels: torch.Tensor) -> torch.Tensor:
     return torch.remainder(torch.round(direction_degrees(channels)[0]), 180.0).to(torch.uint8)
 
 
-def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False, direction: bool = False) -> PredictFn:
-    """Softmax class probabilities of the package's model; mixed precision on CUDA; optional TTA.
+def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False, direction: bool = False, precision: str = "auto") -> PredictFn:
+    """Softmax class probabilities of the package's model; optional TTA.
+
+    ``precision``: as for training (:func:`roadxfer.train.amp_dtype`; ``auto``: bfloat16 on
+    CUDA and on CPUs with AMX, float32 elsewhere).
 
     With ``direction`` the two channels of :func:`direction_channels` follow the classes
     (the orientation decoder runs too: about 30 % more time for a LinkNet-34 on the CPU).
     """
     model = pkg.model.to(device).eval()
-    if device.type == "cuda":
+    nhwc = channels_last(device)
+    if nhwc:
         model.to(memory_format=torch.channels_last)
     mean = torch.tensor(pkg.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std = torch.tensor(pkg.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, precision)
     reference_layout = pkg.spec.reference_layout
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
         x = (x - mean) / std
-        if device.type == "cuda":
+        if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if not direction:
@@ -384,7 +389,7 @@ def classify_scene(
     tags.update(ROADXFER_BANDS=",".join(map(str, info.bands)), ROADXFER_RESCALE=json.dumps(info.stretch.to_dict()))
     with_direction = bool(out_direction) and settings.direction
     n_out = len(values) + (DIRECTION_CHANNELS if with_direction else 0)
-    predict = model_predict_fn(pkg, device, tta=settings.tta, direction=with_direction)
+    predict = model_predict_fn(pkg, device, tta=settings.tta, direction=with_direction, precision=settings.precision)
     profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": 1, "crs": info.crs, "transform": rasterio.windows.transform(win, info.transform)}
     t0 = time.perf_counter()
     last = [t0]

@@ -76,7 +76,7 @@ def _classify(a: argparse.Namespace) -> dict:
     from .classify import ClassifySettings, classify_scene
 
     out = Path(a.outdir)
-    settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device,
+    settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device, precision=a.precision,
                                 bands=tuple(a.bands) if a.bands else None, rescale=_rescale(a), resample=a.resample)
     return classify_scene(a.image, a.model, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
                          out_direction=out / "direction.tif",
@@ -135,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None), p.add_argument("--tta", action="store_true")
     p.add_argument("--tile-size", type=int, default=None), p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="mixed precision (auto: bfloat16 on CUDA and on CPUs with AMX, float32 elsewhere)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resample", choices=["auto", "always", "off"], default="auto",
                    help="auto: classify on the model's cell size when the scene's differs by >10%% (outputs on the scene's grid); off: as is")

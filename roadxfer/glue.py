@@ -103,6 +103,6 @@ def classify_settings(cfg: Mapping[str, Any], image_cfg: Mapping[str, Any] | Non
     """Classification settings; the bands come from ``image.bands`` (the rescale from the model's package)."""
     from .classify import ClassifySettings
 
-    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length", "bridge_gaps", "resample", "cell_size_tolerance", "centrelines", "direction", "background_io")
+    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length", "bridge_gaps", "resample", "cell_size_tolerance", "centrelines", "direction", "background_io", "precision")
     bands = (image_cfg or {}).get("bands")
     return ClassifySettings(**{k: cfg[k] for k in keys if k in cfg}, bands=tuple(bands) if bands else None)

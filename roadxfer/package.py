@@ -132,7 +132,7 @@ def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, 
     name = folder.name
     with atomic_path(folder, directory=True) as tmp:
         weights = tmp / f"{name}.pth"
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # plain layout, whatever the training's
         if half:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         torch.save(state, weights)

@@ -69,6 +69,7 @@ class TrainConfig:
     keep_threshold: float = 0.5
     rehearsal_fraction: float = 0.25  # with rehearsal datasets: their share of the tiles of each epoch
     reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: mixed precision (see amp_dtype)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -182,12 +183,17 @@ def make_optimizer(model: MultiTaskRoadModel, cfg: TrainConfig, *, encoder_train
 @torch.no_grad()
 def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, device: torch.device, cfg: TrainConfig) -> dict[str, float]:
     model.eval()
+    dtype = amp_dtype(device, cfg.precision)
     inter = union = ori_ok = ori_near = ori_n = 0
     total, batches = 0.0, 0
     for img, seg_t, ori_t in loader:
         img, seg_t, ori_t = img.to(device), seg_t.to(device), ori_t.to(device)
-        seg, ori = model(_normalise(img, model))
-        ori, ori_t = orientation_io(model, ori, ori_t)
+        if channels_last(device):
+            img = img.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            seg, ori = model(_normalise(img, model))
+        seg = seg.float()
+        ori, ori_t = orientation_io(model, ori.float(), ori_t)
         total += float(seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight))
         batches += 1
         valid = seg_t != IGNORE_VALUE
@@ -202,15 +208,52 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
             "val_orient_acc": ori_ok / ori_n if ori_n else nan, "val_orient_acc1": ori_near / ori_n if ori_n else nan}
 
 
-def amp_dtype(dev: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA (bfloat16 where supported), none on the CPU."""
-    if dev.type != "cuda":
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix units (Intel AMX), where CPU mixed precision pays.
+
+    Elsewhere bfloat16 is emulated on the CPU and slower than float32.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def amp_dtype(dev: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``dev`` (None: float32 throughout).
+
+    ``auto``: bfloat16 on CUDA where supported (else float16), bfloat16 on a CPU with AMX
+    (three times faster training of the demo's U-Net on this project's CPU), float32 on
+    other CPUs and devices. Weights, optimiser state and losses stay float32.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(None, f"precision {precision!r} is not one of {list(PRECISIONS)}", "choose one of them")
+    if precision == "fp32" or (precision == "auto" and dev.type not in ("cuda", "cpu")):
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16":
+        if dev.type != "cuda":
+            raise InputError(None, f"precision fp16 needs a CUDA GPU (the device is {dev})", "use bf16 or fp32 here")
+        return torch.float16
+    if dev.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise InputError(None, f"this GPU ({torch.cuda.get_device_name(dev)}) has no bfloat16", "use fp16 or auto")
+        return torch.float16
+    if precision == "auto" and not cpu_has_bf16():
+        return None
+    return torch.bfloat16
 
 
-def make_scaler(dev: torch.device) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler("cuda", enabled=amp_dtype(dev) == torch.float16)
+def channels_last(dev: torch.device) -> bool:
+    """NHWC tensors: faster convolutions on CUDA and with oneDNN on the CPU (25 % on this project's CPU in float32)."""
+    return dev.type in ("cuda", "cpu")
+
+
+def make_scaler(dev: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling: needed for float16 only."""
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
 def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: Sequence[torch.Tensor], dev: torch.device, cfg: TrainConfig,
@@ -221,13 +264,14 @@ def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scal
     training on several processes).
     """
     img, seg_t, ori_t = (t.to(dev, non_blocking=True) for t in batch)
-    if dev.type == "cuda":
+    if channels_last(dev):
         img = img.contiguous(memory_format=torch.channels_last)
-    dtype = amp_dtype(dev)
+    dtype = amp_dtype(dev, cfg.precision)
     with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         seg, ori = (forward or model)(_normalise(img, model))
-        ori, ori_t = orientation_io(model, ori, ori_t)
-        loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight)
+    # The losses in float32: soft Dice and the log-softmax sums lose too much in bfloat16.
+    ori, ori_t = orientation_io(model, ori.float(), ori_t)
+    loss = seg_orient_loss(seg.float(), ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -470,8 +514,10 @@ def train(
     if cfg.freeze and not pretrained and not cfg.encoder_checkpoint:
         log.warning("freeze is set but there is no pretrained model or encoder checkpoint: the encoder stays random")
     model.to(dev)
-    if dev.type == "cuda":
+    if channels_last(dev):
         model.to(memory_format=torch.channels_last)
+    precision = amp_dtype(dev, cfg.precision)
+    log.info("precision: %s%s", str(precision or torch.float32).removeprefix("torch."), " autocast" if precision else "")
     _attach_io(model, mean, std, cfg.orientation_bin_size, dev)
 
     train_idx, val_idx = split(data, val_fraction=cfg.val_fraction, mode=cfg.val_split, seed=cfg.seed)
@@ -516,7 +562,7 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
 
-    scaler = make_scaler(dev)
+    scaler = make_scaler(dev, precision)
     net = _parallel(model, world, dev)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("training %s/%s on %s: %d train / %d val tiles, %d trainable parameters, encoder %s", cfg.arch, cfg.backbone, dev, len(train_idx), len(val_idx), n_params, "frozen" if frozen_now else "trainable")
@@ -581,7 +627,8 @@ def train(
                         "rehearsal": rehearsal_record,
                         "radiometry": radiometry,
                         "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
-                        "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev), "processes": world})
+                        "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev), "processes": world,
+                        "precision": str(precision or torch.float32).removeprefix("torch.")})
     extras = _write_curves(workdir, history)
     write_package(out_package, model, emd, extras=extras, zip_dlpk=cfg.zip_dlpk)
     shutil.rmtree(workdir, ignore_errors=True)

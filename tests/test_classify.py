@@ -142,7 +142,7 @@ def test_gdal_reads_the_attribute_table(tmp_path, package):
 
 def test_tta_and_float32_probability(tmp_path, package):
     image = make_raster(tmp_path / "img.tif", size=(64, 64))  # one tile: no blending
-    classify_scene(image, package, tmp_path / "c.tif", out_probability=tmp_path / "p.tif", settings=ClassifySettings(tta=True, probability_dtype="float32", threshold=0.5))
+    classify_scene(image, package, tmp_path / "c.tif", out_probability=tmp_path / "p.tif", settings=ClassifySettings(tta=True, probability_dtype="float32", threshold=0.5, precision="fp32"))
     with rasterio.open(tmp_path / "p.tif") as p:
         prob = p.read(1)
         assert p.dtypes[0] == "float32" and np.isfinite(prob).all() and 0 <= prob.min() and prob.max() <= 1
@@ -493,3 +493,23 @@ def test_direction_off_skips_the_orientation_decoder_and_writes_nodata(tmp_path,
             np.testing.assert_array_equal(a.read(), b.read())
     with rasterio.open(on / "d.tif") as a, rasterio.open(off / "d.tif") as b:
         assert a.read(1).max() < 180 and (b.read(1) == 255).all()
+
+
+def test_mixed_precision_classifies_as_float32_does(tmp_path, demo_scene):
+    """precision auto (bfloat16 on a CPU with AMX) gives the shipped model's float32 classes on all but a sliver of pixels."""
+    from roadxfer.train import cpu_has_bf16
+
+    image, _ = demo_scene
+    out = {}
+    for precision in ("fp32", "auto"):
+        d = tmp_path / precision
+        classify_scene(image, SHIPPED_MODEL, d / "c.tif", out_probability=d / "p.tif", settings=ClassifySettings(precision=precision, probability_dtype="float32", direction=False))
+        with rasterio.open(d / "c.tif") as c, rasterio.open(d / "p.tif") as p:
+            out[precision] = c.read(1), p.read(1)
+    (c32, p32), (cmx, pmx) = out["fp32"], out["auto"]
+    assert (c32 == 1).mean() > 0.01  # roads found: the comparison is not one of empty rasters
+    assert (c32 != cmx).mean() < 0.005 and np.quantile(np.abs(p32 - pmx), 0.99) < 0.05
+    assert (np.abs(p32 - pmx).max() > 0) == cpu_has_bf16()  # auto is float32 itself where the CPU has no AMX
+    with pytest.raises(InputError, match="fp16 needs a CUDA GPU"):
+        classify_scene(image, SHIPPED_MODEL, tmp_path / "x" / "c.tif", settings=ClassifySettings(precision="fp16"))
+    assert not (tmp_path / "x" / "c.tif").exists()

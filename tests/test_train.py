@@ -23,7 +23,7 @@ from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.model import ModelSpec, MultiTaskRoadModel
 from roadxfer.package import load_package, write_package
 from roadxfer.tiles import TileSettings, export_tiles
-from roadxfer.train import TrainConfig, make_optimizer, train
+from roadxfer.train import TrainConfig, cpu_has_bf16, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
@@ -68,6 +68,10 @@ def test_package_round_trip_and_definition(base_package):
     assert (base_package / "metrics.csv").read_text().startswith("epoch,train_loss")
     assert (base_package / "ModelCharacteristics" / "loss_graph.png").stat().st_size > 1000
     assert pkg.weights_sha256 == prov["weights_sha256"]
+    assert prov["precision"] == ("bfloat16" if cpu_has_bf16() else "float32")
+    # Trained channels-last, stored in the plain layout other tools expect.
+    stored = torch.load(base_package / "base.pth", weights_only=True)
+    assert all(t.is_contiguous() for t in stored.values())
     seg, ori = pkg.model(torch.zeros(1, 3, 64, 64))
     assert seg.shape == (1, 2, 64, 64) and ori.shape == (1, 19, 64, 64)
 
@@ -148,11 +152,31 @@ def test_unfreeze_after_trains_the_encoder_later(tiles, base_package, tmp_path):
     assert [h["encoder_frozen"] for h in hist] == [True, False]
 
 
-def test_loss_decreases_on_a_tiny_dataset(tiles, tmp_path):
-    cfg = TrainConfig(**{**FAST, "epochs": 6, "augment": {"flips": False, "rot90": False, "color_jitter": 0.0}})
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_loss_decreases_on_a_tiny_dataset(tiles, tmp_path, precision):
+    cfg = TrainConfig(**{**FAST, "epochs": 6, "augment": {"flips": False, "rot90": False, "color_jitter": 0.0}, "precision": precision})
     train([tiles["base"]], tmp_path / "m", cfg, classes=ROAD, threads=1)
-    hist = json.loads((tmp_path / "m" / "m.emd").read_text())["roadxfer"]["history"]
+    prov = json.loads((tmp_path / "m" / "m.emd").read_text())["roadxfer"]
+    hist = prov["history"]
     assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    assert prov["precision"] == ("bfloat16" if precision == "auto" and cpu_has_bf16() else "float32")
+
+
+def test_precision_choices(monkeypatch):
+    """auto: bfloat16 on CPUs with AMX only (emulated elsewhere, slower than float32); fp16 needs CUDA."""
+    import roadxfer.train as tr
+
+    cpu = torch.device("cpu")
+    assert tr.amp_dtype(cpu, "fp32") is None and tr.amp_dtype(cpu, "bf16") is torch.bfloat16
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: True)
+    assert tr.amp_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: False)
+    assert tr.amp_dtype(cpu, "auto") is None
+    assert tr.amp_dtype(torch.device("meta"), "auto") is None
+    with pytest.raises(InputError, match="fp16 needs a CUDA GPU"):
+        tr.amp_dtype(cpu, "fp16")
+    with pytest.raises(InputError, match="'half' is not one of"):
+        tr.amp_dtype(cpu, "half")
 
 
 def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int) -> list[str]:
@@ -425,7 +449,7 @@ def _step_case():
     seg = torch.zeros(4, 64, 64, dtype=torch.int64)
     seg[:, 20:30] = 1  # the same pixel counts in every tile: per-process means average to the global mean
     ori = seg * 4
-    return model, (img, seg, ori), TrainConfig(dice_weight=0.0)
+    return model, (img, seg, ori), TrainConfig(dice_weight=0.0, precision="fp32")  # DDP is compared, not rounding
 
 
 def test_ddp_step_equals_one_process_step(tmp_path):
