@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/snakemake --workflow-profile profiles/local --configfile config/demo.yaml --cores $(CORES)
 	@echo "Demo finished. Report: $(CURDIR)/results/report/report.html (outputs under results/, logs/ and benchmarks/ mirror them)"
 
-# Re-make the shipped pretrained model (about 75-85 min on 2 cores): 48 generated scenes,
+# Re-make the shipped pretrained model (about 36 min on 2 AMX cores in bfloat16): 48 generated scenes,
 # then a float16 copy to share under resources/pretrained/ (README, "The shipped pretrained model").
 PRETRAINED := resources/pretrained/paved-unet-r18
 pretrain: $(STAMP)
