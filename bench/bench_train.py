@@ -27,7 +27,7 @@ from roadxfer.demo import write_scene  # noqa: E402
 from roadxfer.labels import LabelSettings, rasterize_scene  # noqa: E402
 from roadxfer.model import build_model  # noqa: E402
 from roadxfer.tiles import TileSettings, export_tiles  # noqa: E402
-from roadxfer.train import TrainConfig, _attach_io, amp_dtype, channels_last, make_optimizer, make_scaler, model_spec, pick_device, set_threads, train_step  # noqa: E402
+from roadxfer.train import PRECISIONS, TrainConfig, _attach_io, amp_dtype, channels_last, make_optimizer, make_scaler, model_spec, pick_device, precision_name, set_threads, train_step  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default=None)
-    ap.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS)
     args = ap.parse_args()
     workers = set_threads(args.threads)
     dev = pick_device(args.device)
@@ -84,7 +84,7 @@ def main() -> None:
         return model, make_optimizer(model, cfg, encoder_trainable=not frozen), make_scaler(dev, amp_dtype(dev, cfg.precision))
 
     def dtype_name(precision: str) -> str:
-        return str(amp_dtype(dev, precision) or torch.float32).removeprefix("torch.")
+        return precision_name(amp_dtype(dev, precision))
 
     print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile}, batch {args.batch}, {args.steps} timed steps, torch threads {torch.get_num_threads()}, loader workers {workers}, "
           f"precision {args.precision[0]} ({dtype_name(args.precision[0])})")

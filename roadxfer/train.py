@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -188,12 +189,8 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
     total, batches = 0.0, 0
     for img, seg_t, ori_t in loader:
         img, seg_t, ori_t = img.to(device), seg_t.to(device), ori_t.to(device)
-        if channels_last(device):
-            img = img.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            seg, ori = model(_normalise(img, model))
-        seg = seg.float()
-        ori, ori_t = orientation_io(model, ori.float(), ori_t)
+        seg, ori = _forward(model, img, device, dtype)
+        ori, ori_t = orientation_io(model, ori, ori_t)
         total += float(seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight))
         batches += 1
         valid = seg_t != IGNORE_VALUE
@@ -211,6 +208,7 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bfloat16 matrix units (Intel AMX), where CPU mixed precision pays.
 
@@ -251,6 +249,24 @@ def channels_last(dev: torch.device) -> bool:
     return dev.type in ("cuda", "cpu")
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """A precision as logged and recorded: the autocast dtype, float32 without autocast."""
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
+def _forward(model: MultiTaskRoadModel, img: torch.Tensor, dev: torch.device, dtype: torch.dtype | None,
+             forward: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segmentation, orientation) logits of a 0-1 image batch, channels-last under autocast, returned in float32.
+
+    The losses are computed in float32: soft Dice and the log-softmax sums lose too much in bfloat16.
+    """
+    if channels_last(dev):
+        img = img.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        seg, ori = (forward or model)(_normalise(img, model))
+    return seg.float(), ori.float()
+
+
 def make_scaler(dev: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """Loss scaling: needed for float16 only."""
     return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -264,14 +280,9 @@ def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scal
     training on several processes).
     """
     img, seg_t, ori_t = (t.to(dev, non_blocking=True) for t in batch)
-    if channels_last(dev):
-        img = img.contiguous(memory_format=torch.channels_last)
-    dtype = amp_dtype(dev, cfg.precision)
-    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        seg, ori = (forward or model)(_normalise(img, model))
-    # The losses in float32: soft Dice and the log-softmax sums lose too much in bfloat16.
-    ori, ori_t = orientation_io(model, ori.float(), ori_t)
-    loss = seg_orient_loss(seg.float(), ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight)
+    seg, ori = _forward(model, img, dev, amp_dtype(dev, cfg.precision), forward)
+    ori, ori_t = orientation_io(model, ori, ori_t)
+    loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -517,7 +528,7 @@ def train(
     if channels_last(dev):
         model.to(memory_format=torch.channels_last)
     precision = amp_dtype(dev, cfg.precision)
-    log.info("precision: %s%s", str(precision or torch.float32).removeprefix("torch."), " autocast" if precision else "")
+    log.info("precision: %s%s", precision_name(precision), " autocast" if precision else "")
     _attach_io(model, mean, std, cfg.orientation_bin_size, dev)
 
     train_idx, val_idx = split(data, val_fraction=cfg.val_fraction, mode=cfg.val_split, seed=cfg.seed)
@@ -628,7 +639,7 @@ def train(
                         "radiometry": radiometry,
                         "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
                         "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev), "processes": world,
-                        "precision": str(precision or torch.float32).removeprefix("torch.")})
+                        "precision": precision_name(precision)})
     extras = _write_curves(workdir, history)
     write_package(out_package, model, emd, extras=extras, zip_dlpk=cfg.zip_dlpk)
     shutil.rmtree(workdir, ignore_errors=True)
