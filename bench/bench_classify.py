@@ -1,6 +1,6 @@
 """Benchmark of whole-scene classification (step 4). Prints figures; asserts nothing.
 
-  python bench/bench_classify.py [--size 1024] [--backbone resnet34] [--tile 256] [--batch 8] [--device cuda] [--no-direction] [--no-background-io]
+  python bench/bench_classify.py [--size 1024] [--backbone resnet34] [--tile 256] [--batch 8] [--device cuda] [--no-direction] [--no-background-io] [--precision auto]
 
 * tiles/s through the whole classification (read, normalise, model, blend, write)
   versus bare model forward on tensors in memory, same model, batch and device
@@ -30,14 +30,14 @@ from common import make_package, tiled_demo_image  # noqa: E402
 from peak import peak_rss_mib  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene, model_predict_fn  # noqa: E402
 from roadxfer.package import load_package  # noqa: E402
-from roadxfer.train import pick_device, set_threads  # noqa: E402
+from roadxfer.train import PRECISIONS, amp_dtype, pick_device, precision_name, set_threads  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     s = classify_scene(args.image, args.package, args.out, out_probability=args.out.with_name("p.tif"),
                        out_direction=args.out.with_name("d.tif") if args.direction else None,
-                       settings=ClassifySettings(batch_size=args.batch, device=args.device, background_io=args.background_io), threads=args.threads)
+                       settings=ClassifySettings(batch_size=args.batch, device=args.device, background_io=args.background_io, precision=args.precision), threads=args.threads)
     print(json.dumps({"seconds": s["seconds"], "tiles": s["tiles"], "peak_rss_mib": peak_rss_mib()}))
 
 
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-direction", dest="direction", action="store_false", help="classes and probability only (no orientation decoder)")
     ap.add_argument("--no-background-io", dest="background_io", action="store_false", help="read and write in the model's thread (classify.background_io: false)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="classify.precision (auto: bfloat16 on CPUs with AMX and on CUDA)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--image", type=Path)
     ap.add_argument("--package", type=Path)
@@ -66,7 +67,7 @@ def main() -> None:
         tmp = Path(d)
         pkg_path = make_package(tmp, args.backbone, args.tile, arch=args.arch)
         pkg = load_package(pkg_path, device=dev)
-        predict = model_predict_fn(pkg, dev, direction=args.direction)
+        predict = model_predict_fn(pkg, dev, direction=args.direction, precision=args.precision)
         x = torch.rand(args.batch, 3, args.tile, args.tile, device=dev)
         predict(x)
         n = 6
@@ -80,13 +81,14 @@ def main() -> None:
         bare = n * args.batch / (time.perf_counter() - t0)
         del out
         print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile} (overlap {args.tile // 4}), batch {args.batch}, threads {args.threads}, "
-              f"direction {'on' if args.direction else 'off'}, background I/O {'on' if args.background_io else 'off'}")
+              f"direction {'on' if args.direction else 'off'}, background I/O {'on' if args.background_io else 'off'}, "
+              f"precision {args.precision} ({precision_name(amp_dtype(dev, args.precision))})")
         print(f"bare model forward: {bare:8.2f} tiles/s ({bare * args.tile**2 / 1e6:.2f} Mpx/s of tiles)")
         rows = []
         for factor in (1, 2, 4):
             size = args.size * factor
             image = tiled_demo_image(tmp / f"s{size}.tif", size)
-            cmd = [sys.executable, __file__, "--child", "--image", str(image), "--package", str(pkg_path), "--out", str(tmp / f"c{size}.tif"), "--batch", str(args.batch), "--threads", str(args.threads)]
+            cmd = [sys.executable, __file__, "--child", "--image", str(image), "--package", str(pkg_path), "--out", str(tmp / f"c{size}.tif"), "--batch", str(args.batch), "--threads", str(args.threads), "--precision", args.precision]
             if args.device:
                 cmd += ["--device", args.device]
             if not args.direction:

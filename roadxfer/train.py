@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import IGNORE_VALUE, __version__
+from . import IGNORE_VALUE, PRECISIONS, UNLABELLED_VALUE, __version__
 from .atomic import atomic_path
 from .data import Augment, TileData, TrainSet, load_tiles, split
 from .errors import InputError
@@ -69,6 +69,7 @@ class TrainConfig:
     keep_pretrained: bool = False  # keep what the pretrained model finds: its confident roads become labels
     keep_threshold: float = 0.5
     rehearsal_fraction: float = 0.25  # with rehearsal datasets: their share of the tiles of each epoch
+    rehearsal_open: float | None = None  # rehearsal tiles: background the model calls road with P >= this is left out of the loss
     reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: mixed precision (see amp_dtype)
 
@@ -134,6 +135,25 @@ def seg_orient_loss(seg_logits: torch.Tensor, ori_logp: torch.Tensor, seg_t: tor
     if direction_weight:
         loss = loss + direction_weight * direction_loss(ori_logp, ori_t)
     return loss
+
+
+def open_background(seg_logits: torch.Tensor, seg_t: torch.Tensor, ori_t: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets for rehearsal tiles whose background is marked ``UNLABELLED_VALUE``.
+
+    Rehearsal tiles label only the base model's road types: a road of a new type in them
+    shows as background, which would teach the model to drop exactly what the new tiles
+    teach it to find. Their background stays background except where the model being
+    trained already calls it road with P >= ``threshold``: there it counts in no loss
+    (positive-unlabelled learning; "modelling the background" in incremental segmentation).
+    """
+    unl = seg_t == UNLABELLED_VALUE
+    if not unl.any():
+        return seg_t, ori_t
+    with torch.no_grad():
+        p_road = 1 - torch.softmax(seg_logits.detach().float(), 1)[:, 0]
+    left_out = unl & (p_road >= threshold)
+    seg_t = torch.where(unl, torch.where(left_out, IGNORE_VALUE, 0), seg_t)
+    return seg_t, torch.where(left_out, IGNORE_VALUE, ori_t)
 
 
 def direction_hits(ori_logp: torch.Tensor, ori_t: torch.Tensor) -> tuple[int, int, int]:
@@ -205,7 +225,6 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
             "val_orient_acc": ori_ok / ori_n if ori_n else nan, "val_orient_acc1": ori_near / ori_n if ori_n else nan}
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @functools.cache
@@ -281,6 +300,8 @@ def train_step(model: MultiTaskRoadModel, optimizer: torch.optim.Optimizer, scal
     """
     img, seg_t, ori_t = (t.to(dev, non_blocking=True) for t in batch)
     seg, ori = _forward(model, img, dev, amp_dtype(dev, cfg.precision), forward)
+    if cfg.rehearsal_open is not None:
+        seg_t, ori_t = open_background(seg, seg_t, ori_t, cfg.rehearsal_open)
     ori, ori_t = orientation_io(model, ori, ori_t)
     loss = seg_orient_loss(seg, ori, seg_t, ori_t, orientation_weight=cfg.orientation_weight, dice_weight=cfg.dice_weight, direction_weight=cfg.direction_weight)
     optimizer.zero_grad(set_to_none=True)
@@ -536,6 +557,9 @@ def train(
     if rehearsal:
         old = _read_tiles(rehearsal, classes, cfg)
         rehearsal_idx = append_tiles(data, old)
+        if cfg.rehearsal_open is not None:
+            seg_old = data.seg[rehearsal_idx[0]:]  # a view: the rehearsal tiles are appended last
+            seg_old[seg_old == 0] = UNLABELLED_VALUE
         rehearsal_record = {"sources": old.sources, "scenes": old.scenes, "tiles": len(old), "fraction": cfg.rehearsal_fraction}
         drawn = rehearsal_count(len(train_idx), len(rehearsal_idx), cfg.rehearsal_fraction)
         log.info("rehearsal: %d tile(s) of the pretrained domain from %d folder(s); %d of each epoch's %d tiles drawn from them",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from roadxfer.data import load_tiles
 from roadxfer.demo import write_scene
@@ -177,6 +178,10 @@ def test_precision_choices(monkeypatch):
         tr.amp_dtype(cpu, "fp16")
     with pytest.raises(InputError, match="'half' is not one of"):
         tr.amp_dtype(cpu, "half")
+    # The config schema offers the same choices as the code (and the CLI, which takes them from roadxfer).
+    schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+    for section in ("training", "classify"):
+        assert tuple(schema["properties"][section]["properties"]["precision"]["enum"]) == tr.PRECISIONS
 
 
 def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int) -> list[str]:
@@ -362,6 +367,28 @@ def test_direction_loss_counts_road_pixels_only():
     assert direction_hits(pred, torch.tensor([[[1, 1, 1]]])) == (0, 2, 3)
 
 
+def test_rehearsal_background_the_model_calls_road_counts_in_no_loss():
+    """Known answer: unlabelled background the model calls road (P >= threshold) is ignored; the rest stays background."""
+    from roadxfer import IGNORE_VALUE, UNLABELLED_VALUE
+    from roadxfer.train import open_background, seg_orient_loss
+
+    p_road = torch.tensor([[[0.9, 0.5], [0.2, 0.9]]])
+    logits = torch.stack([torch.log(1 - p_road), torch.log(p_road)], 1)
+    u = UNLABELLED_VALUE
+    seg_t = torch.tensor([[[u, u], [u, 1]]])
+    ori_t = torch.tensor([[[0, 0], [0, 4]]])
+    seg2, ori2 = open_background(logits, seg_t, ori_t, 0.5)
+    assert seg2.tolist() == [[[IGNORE_VALUE, IGNORE_VALUE], [0, 1]]]
+    assert ori2.tolist() == [[[IGNORE_VALUE, IGNORE_VALUE], [0, 4]]]
+    # The loss is the cross-entropy of the two pixels left: -ln(0.8) for the background, -ln(0.9) for the road.
+    logp = torch.log_softmax(torch.zeros(1, 19, 2, 2), 1)
+    loss = seg_orient_loss(logits, logp, seg2, torch.full_like(ori2, IGNORE_VALUE), orientation_weight=0.0, dice_weight=0.0)
+    assert float(loss) == pytest.approx(-(np.log(0.8) + np.log(0.9)) / 2, abs=1e-6)
+    # Tiles without the mark (the new samples) are untouched.
+    plain = torch.tensor([[[0, 0], [0, 1]]])
+    assert open_background(logits, plain, ori_t, 0.5)[0] is plain
+
+
 def test_validation_split_keeps_a_few_scenes_for_training():
     """Fewer than five scenes: each scene gives a share of its tiles to validation, none is held out whole."""
     from roadxfer.data import split
@@ -396,6 +423,10 @@ def test_rehearsal_mixes_a_share_of_old_tiles_into_each_epoch(tiles, base_packag
     assert lineage["rehearsal"] == {"sources": [str(tiles["base"])], "scenes": ["base"], "tiles": n_base, "fraction": 0.5}
     assert lineage["training_data"]["scenes"] == ["transfer"]
     assert "rehearsal:" in caplog.text
+    # rehearsal_open: the rehearsal tiles' background is marked in memory and opened batch by batch.
+    train([tiles["transfer"]], tmp_path / "open", TrainConfig(**{**FAST, "epochs": 1, "freeze": True, "rehearsal_fraction": 0.5, "rehearsal_open": 0.5}),
+          classes=ROAD, pretrained=base_package, threads=1, rehearsal=[tiles["base"]])
+    assert json.loads((tmp_path / "open" / "open.emd").read_text())["roadxfer"]["training_config"]["rehearsal_open"] == 0.5
 
 
 def test_shared_package_is_half_the_size_and_predicts_the_same(base_package, tmp_path):
