@@ -150,7 +150,7 @@ def open_background(seg_logits: torch.Tensor, seg_t: torch.Tensor, ori_t: torch.
     if not unl.any():
         return seg_t, ori_t
     with torch.no_grad():
-        p_road = 1 - torch.softmax(seg_logits.detach().float(), 1)[:, 0]
+        p_road = 1 - torch.softmax(seg_logits.float(), 1)[:, 0]
     left_out = unl & (p_road >= threshold)
     seg_t = torch.where(unl, torch.where(left_out, IGNORE_VALUE, 0), seg_t)
     return seg_t, torch.where(left_out, IGNORE_VALUE, ori_t)
@@ -223,8 +223,6 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
     nan = float("nan")
     return {"val_loss": total / max(batches, 1), "val_road_iou": inter / union if union else 0.0,
             "val_orient_acc": ori_ok / ori_n if ori_n else nan, "val_orient_acc1": ori_near / ori_n if ori_n else nan}
-
-
 
 
 @functools.cache
