@@ -34,7 +34,7 @@ from .background_io import WriteBehind, read_ahead
 from .errors import InputError
 from .package import Package, load_package
 from .radiometry import Radiometry
-from .raster import GTIFF_PROFILE, ImageInfo, cell_size_metres, check_written, image_info, read_window, resampled_grid, warped
+from .raster import ImageInfo, cell_size_metres, check_written, image_info, read_window, resampled_grid, scratch_profile, warped
 from .styles import classes_qml, colour_table, complete_classes, probability_qml, raster_tags, rat_aux_xml
 from .raster import tile_starts as starts
 from .train import amp_dtype, channels_last, pick_device, set_threads
@@ -212,6 +212,7 @@ def resampled_strips(
     scratch: Path,
     *,
     rows: int = 256,
+    threads: int = 1,
     **geometry: Any,
 ) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
     """As :func:`stitch`, but the model sees the scene on ``grid`` (its own cell size).
@@ -224,7 +225,7 @@ def resampled_strips(
     transform, width, height = grid
     coarsen = abs(transform.a) > info.cell_size
     vrt, minfo = warped(src, info, transform, width, height, Resampling.average if coarsen else Resampling.bilinear)
-    profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": n_out, "dtype": "uint8", "nodata": IGNORE_VALUE, "crs": info.crs, "transform": transform}
+    profile = {**scratch_profile(threads), "width": width, "height": height, "count": n_out, "dtype": "uint8", "nodata": IGNORE_VALUE, "crs": info.crs, "transform": transform}
     with vrt, rasterio.open(scratch, "w", **profile) as dst, WriteBehind(4 * geometry.get("read_depth", 2)) as write:
         for y, probs, valid in stitch(vrt, minfo, predict, n_out, **geometry):
             p = torch.round(probs * 250).to(torch.uint8).cpu().numpy()
@@ -390,7 +391,7 @@ def classify_scene(
     with_direction = bool(out_direction) and settings.direction
     n_out = len(values) + (DIRECTION_CHANNELS if with_direction else 0)
     predict = model_predict_fn(pkg, device, tta=settings.tta, direction=with_direction, precision=settings.precision)
-    profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": 1, "crs": info.crs, "transform": rasterio.windows.transform(win, info.transform)}
+    profile = {**scratch_profile(threads), "width": width, "height": height, "count": 1, "crs": info.crs, "transform": rasterio.windows.transform(win, info.transform)}
     t0 = time.perf_counter()
     last = [t0]
 
@@ -411,7 +412,7 @@ def classify_scene(
             depth = 2 if settings.background_io else 0
             geometry = {"tile": tile, "overlap": overlap, "margin": margin, "batch_size": settings.batch_size, "device": device, "progress": progress, "read_depth": depth}
             strips = (stitch(src, info, predict, n_out, **geometry, core=window) if grid is None
-                      else resampled_strips(src, info, grid, predict, n_out, scratch / "model_grid.tif", **geometry))
+                      else resampled_strips(src, info, grid, predict, n_out, scratch / "model_grid.tif", threads=threads, **geometry))
             # A strip's three writes queue behind the model; closing the strips stops the reader thread first.
             with WriteBehind(4 * depth) as write, contextlib.closing(strips):
                 for y, probs, valid in strips:
@@ -445,15 +446,17 @@ def classify_scene(
         seconds = time.perf_counter() - t0
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
                                classes=classes, settings=settings, scene=Path(image).name, size=(width, height), sidecars=window is None,
-                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction)
+                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction, threads=threads)
+        write_seconds = time.perf_counter() - t0 - seconds
     if grid:
         n_tiles = count_tiles(grid[2], grid[1], tile, overlap)
     else:
         rows, cols, _ = tiles_touching(info.height, info.width, tile, tile - overlap, window)
         n_tiles = len(rows) * len(cols)
     summary = {"image": str(image), "model": str(pkg.path), "tiles": n_tiles, "seconds": seconds, "megapixels_per_s": width * height / seconds / 1e6, "device": str(device), "centrelines": lines,
-               "resampled_to_m": float(model_cell) if grid else None}
-    log.info("%s classified in %.1f s (%.2f Mpx/s) on %s", image, seconds, summary["megapixels_per_s"], device)
+               "resampled_to_m": float(model_cell) if grid else None, "write_seconds": write_seconds}
+    log.info("%s classified in %.1f s (%.2f Mpx/s) on %s; outputs (COGs%s) written in %.1f s", image, seconds, summary["megapixels_per_s"], device,
+             ", centrelines" if out_centrelines else "", write_seconds)
     return summary
 
 
@@ -482,22 +485,22 @@ def open_outputs(cls_path: Path, prob_path: Path | None, profile: dict[str, Any]
 
 def commit_outputs(cls_tmp: Path, prob_tmp: Path | None, out_class: str | Path, out_probability: str | Path | None, out_centrelines: str | Path | None, *,
                    classes: list[dict[str, Any]], settings: ClassifySettings, scene: str, size: tuple[int, int], sidecars: bool = True,
-                   dir_tmp: Path | None = None, out_direction: str | Path | None = None) -> int | None:
+                   dir_tmp: Path | None = None, out_direction: str | Path | None = None, threads: int = 1) -> int | None:
     """Write the COGs, their sidecars and the centrelines from the scratch rasters; all checked first, then committed together."""
     lines = None
     with contextlib.ExitStack() as outputs:
         cls_out = outputs.enter_context(atomic_path(out_class))
-        write_cog(cls_tmp, cls_out, categorical=True)
+        write_cog(cls_tmp, cls_out, categorical=True, threads=threads)
         check_written(cls_out, *size)
         styles = {Path(f"{out_class}.aux.xml"): rat_aux_xml(classes), Path(out_class).with_suffix(".qml"): classes_qml(classes)}
         if out_probability and prob_tmp is not None:
             prob_out = outputs.enter_context(atomic_path(out_probability))
-            write_cog(prob_tmp, prob_out, categorical=False)
+            write_cog(prob_tmp, prob_out, categorical=False, threads=threads)
             check_written(prob_out, *size)
             styles[Path(out_probability).with_suffix(".qml")] = probability_qml(settings.probability_dtype)
         if out_direction and dir_tmp is not None:
             dir_out = outputs.enter_context(atomic_path(out_direction))
-            write_cog(dir_tmp, dir_out, categorical=True)  # angles: no averaging across 0/180 in the overviews
+            write_cog(dir_tmp, dir_out, categorical=True, threads=threads)  # angles: no averaging across 0/180 in the overviews
             check_written(dir_out, *size)
         for path, text in (styles.items() if sidecars else ()):  # the attribute table and the QGIS styles, committed with the rasters
             outputs.enter_context(atomic_path(path)).write_text(text)
@@ -523,6 +526,7 @@ def merge_shards(
     out_direction: str | Path | None = None,
     settings: ClassifySettings = ClassifySettings(),
     rows: int = 1024,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Join the (class, probability[, direction]) rasters of a scene's shards into the scene's outputs.
 
@@ -559,7 +563,7 @@ def merge_shards(
     classes = complete_classes(pkg.classes)
     with rasterio.open(placed[0][0]) as first:
         tags = first.tags()
-    profile = {**GTIFF_PROFILE, "width": width, "height": height, "count": 1, "crs": crs, "transform": transform}
+    profile = {**scratch_profile(threads), "width": width, "height": height, "count": 1, "crs": crs, "transform": transform}
     with scratch_dir(Path(out_class).parent, "merge") as scratch:
         cls_tmp, prob_tmp, dir_tmp = scratch / "class.tif", scratch / "prob.tif", scratch / "direction.tif"
         with open_outputs(cls_tmp, prob_tmp if out_probability else None, profile, classes, tags, settings.probability_dtype,
@@ -576,15 +580,15 @@ def merge_shards(
         check_room(scratch)
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
                                classes=classes, settings=settings, scene=Path(image).name, size=(width, height),
-                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction)
+                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction, threads=threads)
     log.info("%s: %d shard(s) merged in %.1f s", image, len(placed), time.perf_counter() - t0)
     return {"image": str(image), "shards": len(placed), "seconds": time.perf_counter() - t0, "centrelines": lines}
 
 
-def write_cog(src_path: Path, dst_path: Path, *, categorical: bool) -> None:
-    """Copy a tiled GeoTIFF to a Cloud-Optimised GeoTIFF with overviews."""
+def write_cog(src_path: Path, dst_path: Path, *, categorical: bool, threads: int = 1) -> None:
+    """Copy a tiled GeoTIFF to a Cloud-Optimised GeoTIFF with overviews (compressed on ``threads`` threads)."""
     rasterio.shutil.copy(src_path, dst_path, driver="COG", compress="DEFLATE", predictor="YES" if not categorical else "NO",
-                         overview_resampling="MODE" if categorical else "AVERAGE", blocksize=512)
+                         overview_resampling="MODE" if categorical else "AVERAGE", blocksize=512, num_threads=max(1, int(threads)))
 
 
 def count_tiles(height: int, width: int, tile: int, overlap: int) -> int:

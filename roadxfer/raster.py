@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.errors
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -26,6 +29,32 @@ GTIFF_PROFILE = {
     "predictor": 2,
     "interleave": "band",
 }
+
+
+@functools.cache
+def _gdal_writes_zstd() -> bool:
+    """Whether this GDAL build compresses GeoTIFFs with ZSTD (optional in GDAL; an unknown
+    ``compress`` is only warned about, so the file written is read back to tell)."""
+    try:
+        with warnings.catch_warnings(), rasterio.MemoryFile() as mem:
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with mem.open(driver="GTiff", width=16, height=16, count=1, dtype="uint8", compress="zstd") as dst:
+                dst.write(np.zeros((1, 16, 16), np.uint8))
+            with mem.open() as src:
+                return src.compression is not None and src.compression.name == "zstd"
+    except rasterio.errors.RasterioError:
+        return False
+
+
+def scratch_profile(threads: int = 1) -> dict[str, object]:
+    """Creation options for scratch rasters that are copied to COGs and deleted.
+
+    Written by one background thread while the model runs, they limited whole-scene
+    classification on a GPU (deflate of three rasters on one core): fast ZSTD where GDAL
+    has it, and GDAL's multi-threaded compression with the job's ``threads``.
+    """
+    fast = {"compress": "zstd", "zstd_level": 1} if _gdal_writes_zstd() else {"compress": "deflate", "zlevel": 1}
+    return {**GTIFF_PROFILE, **fast, "num_threads": max(1, int(threads))}
 
 
 @dataclass(frozen=True)

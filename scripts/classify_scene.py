@@ -11,7 +11,7 @@ shards = list(sm.input.shards)
 outputs = {"out_probability": sm.output.probability, "out_centrelines": sm.output.centrelines, "out_direction": sm.output.direction}
 if shards:  # a sharded scene: join its shards (classes, probability, direction per shard)
     main = lambda: merge_shards(sm.input.image, list(zip(shards[0::3], shards[1::3], shards[2::3])), sm.input.model,  # noqa: E731
-                                sm.output.classes, **outputs, settings=settings)
+                                sm.output.classes, **outputs, settings=settings, threads=sm.threads)
 else:
     main = lambda: classify_scene(sm.input.image, sm.input.model, sm.output.classes, **outputs, settings=settings, threads=sm.threads)  # noqa: E731
 run_logged(sm, main)

@@ -513,3 +513,16 @@ def test_mixed_precision_classifies_as_float32_does(tmp_path, demo_scene):
     with pytest.raises(InputError, match="fp16 needs a CUDA GPU"):
         classify_scene(image, SHIPPED_MODEL, tmp_path / "x" / "c.tif", settings=ClassifySettings(precision="fp16"))
     assert not (tmp_path / "x" / "c.tif").exists()
+
+
+def test_scratch_rasters_compress_fast_on_the_jobs_threads(tmp_path):
+    """Scratch rasters (copied to COGs, then deleted) use ZSTD with the pinned GDAL, and GDAL's threads."""
+    from roadxfer.raster import scratch_profile
+
+    prof = scratch_profile(3)
+    assert prof["num_threads"] == 3 and scratch_profile(0)["num_threads"] == 1
+    with rasterio.open(tmp_path / "s.tif", "w", **prof, width=300, height=200, count=1, dtype="uint8") as dst:
+        dst.write(np.arange(60000, dtype=np.uint8).reshape(1, 200, 300))
+    with rasterio.open(tmp_path / "s.tif") as src:
+        assert src.compression.name == "zstd"
+        assert src.read(1)[199, 299] == 59999 % 256
