@@ -14,7 +14,7 @@ them from ``config/config.yaml`` + ``config/demo.yaml``).
 2. the new package classifies ``--scene`` on ``--device`` (precision ``auto``) and on the
    CPU in float32: largest probability difference, agreement of the two road masks (IoU),
    pixel F1 of each against ``--label`` (value 1 road, 255 ignored);
-3. classification throughput on the scene tiled up to ``--big`` pixels a side;
+3. classification throughput on the scene tiled up to ``--big`` pixels a side (``--tile``, ``--batches``);
 4. bare training steps per second (full fine-tune and frozen encoder, float32 and ``auto``).
 
 Needs only rasterio, torch and segmentation-models-pytorch (no GDAL vector stack), so it
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--big", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tile", type=int, nargs="+", default=[None], help="throughput: classification tile sizes (default: the model's)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 64], help="throughput: classification batch sizes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["train", "compare", "throughput", "steps"])
     args = ap.parse_args()
@@ -184,13 +186,13 @@ def main() -> None:
               f"road masks IoU {iou:.4f}; direction bin equal on {float(np.mean(da[road] == db[road])) if road.any() else float('nan'):.3f} of shared road pixels", flush=True)
     if "throughput" not in args.skip:
         big = tiled_up(args.scene, args.big, out / "big.tif")
-        for batch in (8, 64):
+        for tile, batch in ((t, b) for t in args.tile for b in args.batches):
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             s = classify_scene(big, pkg if pkg.exists() else args.package, out / "big-class.tif", out_probability=out / "big-p.tif", out_direction=out / "big-d.tif",
-                               settings=ClassifySettings(device=str(dev), batch_size=batch), threads=args.threads)
+                               settings=ClassifySettings(device=str(dev), batch_size=batch, tile_size=tile), threads=args.threads)
             mem = f", peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB" if dev.type == "cuda" else ""
-            print(f"[throughput] {args.big}x{args.big} scene, batch {batch}: {s['tiles']} tiles in {s['seconds']:.1f} s, {s['megapixels_per_s']:.2f} Mpx/s{mem}; "
+            print(f"[throughput] {args.big}x{args.big} scene, tile {tile or 'of the model'}, batch {batch}: {s['tiles']} tiles in {s['seconds']:.1f} s, {s['megapixels_per_s']:.2f} Mpx/s{mem}; "
                   f"then COGs written in {s['write_seconds']:.1f} s", flush=True)
     if "steps" not in args.skip:
         for precision in ("fp32", "auto"):
