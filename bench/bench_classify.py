@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-direction", dest="direction", action="store_false", help="classes and probability only (no orientation decoder)")
     ap.add_argument("--no-background-io", dest="background_io", action="store_false", help="read and write in the model's thread (classify.background_io: false)")
-    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="classify.precision (auto: bfloat16 on CPUs with AMX and on CUDA)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="classify.precision (auto: bfloat16 on CPUs with AMX or AVX512-BF16 and on CUDA)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--image", type=Path)
     ap.add_argument("--package", type=Path)

@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=2048)
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="classify.precision (auto: bfloat16 on CPUs with AMX and on CUDA)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="classify.precision (auto: bfloat16 on CPUs with AMX or AVX512-BF16 and on CUDA)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -277,7 +277,7 @@ def model_predict_fn(pkg: Package, device: torch.device, *, tta: bool = False, d
     """Softmax class probabilities of the package's model; optional TTA.
 
     ``precision``: as for training (:func:`roadxfer.train.amp_dtype`; ``auto``: bfloat16 on
-    CUDA and on CPUs with AMX, float32 elsewhere).
+    CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere).
 
     With ``direction`` the two channels of :func:`direction_channels` follow the classes
     (the orientation decoder runs too: about 30 % more time for a LinkNet-34 on the CPU).

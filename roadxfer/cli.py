@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None), p.add_argument("--tta", action="store_true")
     p.add_argument("--tile-size", type=int, default=None), p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="mixed precision (auto: bfloat16 on CUDA and on CPUs with AMX, float32 elsewhere)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="mixed precision (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resample", choices=["auto", "always", "off"], default="auto",
                    help="auto: classify on the model's cell size when the scene's differs by >10%% (outputs on the scene's grid); off: as is")

@@ -227,18 +227,21 @@ def evaluate(model: MultiTaskRoadModel, loader: torch.utils.data.DataLoader, dev
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 matrix units (Intel AMX), where CPU mixed precision pays.
+    """Whether this CPU computes in bfloat16 natively (Intel AMX, or AVX512-BF16 as on AMD
+    Zen 4), where CPU mixed precision pays.
 
+    Measured on 2 cores of an AMD EPYC with AVX512-BF16 and no AMX: a training step of the
+    demo's U-Net/ResNet-18 1.6-1.8 times as fast as in float32, classification 1.75 times.
     Elsewhere bfloat16 is emulated on the CPU and slower than float32.
     """
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(bool(probe()) for probe in probes if probe is not None)
 
 
 def amp_dtype(dev: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``dev`` (None: float32 throughout).
 
-    ``auto``: bfloat16 on CUDA where supported (else float16), bfloat16 on a CPU with AMX
+    ``auto``: bfloat16 on CUDA where supported (else float16), bfloat16 on a CPU with AMX or AVX512-BF16
     (three times faster training of the demo's U-Net on this project's CPU), float32 on
     other CPUs and devices. Weights, optimiser state and losses stay float32.
     """

@@ -496,7 +496,7 @@ def test_direction_off_skips_the_orientation_decoder_and_writes_nodata(tmp_path,
 
 
 def test_mixed_precision_classifies_as_float32_does(tmp_path, demo_scene):
-    """precision auto (bfloat16 on a CPU with AMX) gives the shipped model's float32 classes on all but a sliver of pixels."""
+    """precision auto (bfloat16 on a CPU with AMX or AVX512-BF16) gives the shipped model's float32 classes on all but a sliver of pixels."""
     from roadxfer.train import cpu_has_bf16
 
     image, _ = demo_scene
@@ -509,7 +509,7 @@ def test_mixed_precision_classifies_as_float32_does(tmp_path, demo_scene):
     (c32, p32), (cmx, pmx) = out["fp32"], out["auto"]
     assert (c32 == 1).mean() > 0.01  # roads found: the comparison is not one of empty rasters
     assert (c32 != cmx).mean() < 0.005 and np.quantile(np.abs(p32 - pmx), 0.99) < 0.05
-    assert (np.abs(p32 - pmx).max() > 0) == cpu_has_bf16()  # auto is float32 itself where the CPU has no AMX
+    assert (np.abs(p32 - pmx).max() > 0) == cpu_has_bf16()  # auto is float32 itself where the CPU has neither
     with pytest.raises(InputError, match="fp16 needs a CUDA GPU"):
         classify_scene(image, SHIPPED_MODEL, tmp_path / "x" / "c.tif", settings=ClassifySettings(precision="fp16"))
     assert not (tmp_path / "x" / "c.tif").exists()

@@ -163,8 +163,21 @@ def test_loss_decreases_on_a_tiny_dataset(tiles, tmp_path, precision):
     assert prov["precision"] == ("bfloat16" if precision == "auto" and cpu_has_bf16() else "float32")
 
 
+@pytest.mark.parametrize(("amx", "avx512_bf16", "native"), [(True, False, True), (False, True, True), (False, False, False)])
+def test_cpu_bfloat16_is_native_with_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, native):
+    from roadxfer.train import cpu_has_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpu_has_bf16.cache_clear()  # cached: asked once per process
+    try:
+        assert cpu_has_bf16() is native
+    finally:
+        cpu_has_bf16.cache_clear()
+
+
 def test_precision_choices(monkeypatch):
-    """auto: bfloat16 on CPUs with AMX only (emulated elsewhere, slower than float32); fp16 needs CUDA."""
+    """auto: bfloat16 on CPUs with AMX or AVX512-BF16 only (emulated elsewhere, slower than float32); fp16 needs CUDA."""
     import roadxfer.train as tr
 
     cpu = torch.device("cpu")
