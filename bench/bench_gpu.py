@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from roadxfer.classify import ClassifySettings, classify_scene  # noqa: E402
-from roadxfer.data import Augment, TrainSet, load_tiles  # noqa: E402
+from roadxfer.data import Augment, TileData, TrainSet, load_tiles  # noqa: E402
 from roadxfer.package import load_package  # noqa: E402
 from roadxfer.train import (  # noqa: E402
     TrainConfig, _attach_io, amp_dtype, channels_last, make_optimizer, make_scaler, pick_device, precision_name, train, train_step,
@@ -50,15 +50,11 @@ ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 def merged_training(configs: list[Path], model: str) -> dict:
     """The ``training`` settings the workflow gives ``model`` (rules/common.smk, model_training)."""
     import yaml
-
-    def update(into: dict, more: dict) -> dict:  # recursive, as Snakemake merges --configfile files
-        for key, value in more.items():
-            into[key] = update(dict(into[key]), value) if isinstance(value, dict) and isinstance(into.get(key), dict) else value
-        return into
+    from snakemake.utils import update_config  # how Snakemake merges --configfile files (not needed on the GPU node)
 
     cfg: dict = {}
     for path in configs:
-        update(cfg, yaml.safe_load(path.read_text()) or {})
+        update_config(cfg, yaml.safe_load(path.read_text()) or {})
     models = cfg["models"]
     merged = {**cfg["training"], **(models[model].get("training") or {})}
     merged["freeze"] = bool(models[model].get("freeze", False))
@@ -102,7 +98,7 @@ def tiled_up(scene: Path, size: int, out: Path) -> Path:
     return out
 
 
-def step_rate(pkg_path: Path, tiles: list[Path], cfg: TrainConfig, dev: torch.device, precision: str, frozen: bool, batch: int, steps: int) -> float:
+def step_rate(pkg_path: Path, data: TileData, cfg: TrainConfig, dev: torch.device, precision: str, frozen: bool, batch: int, steps: int) -> float:
     """Samples/s of bare training steps on batches already on the device (after two warm-up steps)."""
     cfg = TrainConfig(**{**cfg.__dict__, "precision": precision, "batch_size": batch})
     pkg = load_package(pkg_path, device=dev)
@@ -112,7 +108,6 @@ def step_rate(pkg_path: Path, tiles: list[Path], cfg: TrainConfig, dev: torch.de
         model.to(memory_format=torch.channels_last)
     model.freeze_encoder(frozen)
     model.train()
-    data = load_tiles(tiles, ROAD)
     idx = np.arange(batch * (steps + 2)) % len(data)
     loader = torch.utils.data.DataLoader(TrainSet(data, idx, Augment(), cfg.orientation_bin_size, 0), batch_size=batch, drop_last=True)
     batches = [tuple(t.to(dev) for t in b) for b in loader]
@@ -195,10 +190,11 @@ def main() -> None:
             print(f"[throughput] {args.big}x{args.big} scene, tile {tile or 'of the model'}, batch {batch}: {s['tiles']} tiles in {s['seconds']:.1f} s, {s['megapixels_per_s']:.2f} Mpx/s{mem}; "
                   f"then COGs written in {s['write_seconds']:.1f} s", flush=True)
     if "steps" not in args.skip:
+        data = load_tiles(args.tiles, ROAD)
         for precision in ("fp32", "auto"):
             for frozen in (False, True):
                 for batch in (cfg.batch_size, 64):
-                    rate = step_rate(args.package, args.tiles, cfg, dev, precision, frozen, batch, args.steps)
+                    rate = step_rate(args.package, data, cfg, dev, precision, frozen, batch, args.steps)
                     print(f"[steps] {precision} ({precision_name(amp_dtype(dev, precision))}), {'frozen encoder' if frozen else 'full fine-tune'}, batch {batch}: "
                           f"{rate:.1f} samples/s", flush=True)
     print("geopandas imported:", "geopandas" in sys.modules)
