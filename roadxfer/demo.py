@@ -36,6 +36,7 @@ CRS = "EPSG:32611"  # UTM 11N (Nevada)
 CELL = 0.3
 SUN = np.array([0.6, 0.8])  # shadow direction in (col, row): shadows fall to the south-east
 ROAD_TYPES = ("paved", "unpaved", "trail")
+LANE_MAX = 5.0  # metres: paved roads narrower than this are drawn as lanes (no markings, soft contrast)
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,14 @@ def _roads(rng: np.random.Generator, size: int, kind: str) -> list[Road]:
     return roads
 
 
-def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape: str = "desert", cell: float = CELL) -> tuple[np.ndarray, list[Road]]:
+def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape: str = "desert", cell: float = CELL,
+                 lanes: int = 0) -> tuple[np.ndarray, list[Road]]:
     """Render one scene: (3, size, size) uint8 image and its roads in pixel coordinates.
 
     ``landscape`` (one of :data:`LANDSCAPES`) and ``cell`` (metres) vary the look and the
     scale for a pretraining corpus; the defaults give the demo's desert scenes at 0.3 m.
+    ``lanes`` adds that many narrow paved lanes (2-4.5 m, no markings, often faint) to a
+    mixed scene: paved roads as thin as unpaved ones (README, "The shipped pretrained model").
     """
     if kind not in ("mixed", "rural"):
         raise ValueError(f"unknown demo scene kind {kind!r}: use 'mixed' or 'rural'")
@@ -179,6 +183,10 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape:
     img += rng.normal(0, 3.0, (3, *shape)).astype(np.float32)  # pebbles / sensor noise
 
     roads = _roads(rng, size, kind)
+    if not 0 <= lanes <= 20:
+        raise ValueError(f"demo lanes {lanes} is outside 0-20")
+    if kind == "mixed":  # from the landscape's own stream: without lanes a scene keeps its bytes
+        roads += [Road("paved", _smooth_path(lrng, size, 3, 90 * size / 1024), float(lrng.uniform(2.0, 4.5))) for _ in range(lanes)]
     rows, cols = np.mgrid[0:size, 0:size]
     if not desert:  # linear clutter that is not road: hedgerows and ditches (dark), field edges (light)
         for n, colour, width in ((land.hedges, np.array(land.shrub, np.float32), (1.5, 4.0)), (land.tracks, np.minimum(base * 1.15 + 10, 250), (0.8, 2.0))):
@@ -189,7 +197,11 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape:
     for road in sorted(roads, key=lambda r: ROAD_TYPES.index(r.kind), reverse=True):  # paved drawn last, on top
         dist = _distance(road.line, shape)
         half = road.width_m / cell / 2
-        if road.kind == "paved":
+        if road.kind == "paved" and road.width_m < LANE_MAX:  # lane: smooth edges, no markings, asphalt or concrete, often faint
+            edge = np.clip(half + 0.5 - dist, 0, 1) * lrng.uniform(0.5, 0.95)
+            surface = np.array(land.asphalt[lrng.integers(len(land.asphalt))], np.float32) + lrng.normal(0, 8, 3).astype(np.float32)
+            img = img * (1 - edge[None]) + (surface[:, None, None] + tex[None] * 3.0) * edge[None]
+        elif road.kind == "paved":
             edge = np.clip(half + 0.5 - dist, 0, 1)
             surface = np.array(land.asphalt[0] if desert else land.asphalt[lrng.integers(len(land.asphalt))], np.float32)
             asphalt = surface + rng.normal(0, 6)
@@ -277,9 +289,9 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape:
 
 
 def write_scene(seed: int, image_path: str | Path, labels_path: str | Path, *, size: int = 1024, kind: str = "mixed",
-                origin: tuple[float, float] | None = None, landscape: str = "desert", cell: float = CELL) -> list[Road]:
+                origin: tuple[float, float] | None = None, landscape: str = "desert", cell: float = CELL, lanes: int = 0) -> list[Road]:
     """Render a scene and write it as a GeoTIFF plus a GeoPackage of road centrelines."""
-    img, roads = render_scene(seed, size, kind, landscape=landscape, cell=cell)
+    img, roads = render_scene(seed, size, kind, landscape=landscape, cell=cell, lanes=lanes)
     x0, y0 = origin if origin is not None else (640_000.0 + (seed % 97) * 500.0, 4_000_000.0 + (seed // 97) * 500.0)
     transform = from_origin(x0, y0, cell, cell)
     profile = {**GTIFF_PROFILE, "width": size, "height": size, "count": 3, "dtype": "uint8", "crs": CRS, "transform": transform, "photometric": "RGB"}

@@ -7,8 +7,8 @@ rule demo_scene:
         seed=lambda wc: config["demo"]["scenes"][wc.demo]["seed"],
         kind=lambda wc: config["demo"]["scenes"][wc.demo].get("kind", "mixed"),
         size=lambda wc: config["demo"]["scenes"][wc.demo].get("size", config["demo"]["size"]),
-        # landscape and cell size only where the scene sets them (roadxfer.demo has the defaults)
-        look=lambda wc: {k: v for k, v in config["demo"]["scenes"][wc.demo].items() if k in ("landscape", "cell")},
+        # landscape, cell size and lanes only where the scene sets them (roadxfer.demo has the defaults)
+        look=lambda wc: {k: v for k, v in config["demo"]["scenes"][wc.demo].items() if k in ("landscape", "cell", "lanes")},
     wildcard_constraints:
         demo="|".join(config["demo"]["scenes"]) or "NO_DEMO",
     log:

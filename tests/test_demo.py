@@ -90,3 +90,26 @@ def test_landscapes_vary_the_look_and_scale(tmp_path):
     assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="landscape"):
         render_scene(5, 64, "mixed", landscape="moon")
+
+
+
+def test_lanes_are_narrow_paved_roads_and_optional():
+    """``lanes`` adds paved roads as narrow as unpaved ones, drawn faint but visible; without it a scene keeps its bytes."""
+    from roadxfer.demo import LANE_MAX, LANDSCAPES, _distance
+
+    for land in sorted(LANDSCAPES):
+        plain, plain_roads = render_scene(21, 384, "mixed", landscape=land, cell=0.5)
+        assert all(r.width_m >= 6 for r in plain_roads if r.kind == "paved")
+        img, roads = render_scene(21, 384, "mixed", landscape=land, cell=0.5, lanes=3)
+        lanes = [r for r in roads if r.kind == "paved" and r.width_m < LANE_MAX]
+        assert len(lanes) >= 1 and all(2.0 <= r.width_m <= 4.5 for r in lanes)
+        grey = img.astype(float).mean(0)
+        seen = 0
+        for lane in lanes:  # the lane's core differs from the ground beside it
+            d = _distance(lane.line, grey.shape)
+            core, ring = grey[d < 1], grey[(d > lane.width_m / 0.5 / 2 + 4) & (d < lane.width_m / 0.5 / 2 + 8)]
+            seen += core.size > 30 and abs(np.median(core) - np.median(ring)) > 8
+        assert seen >= 1, land
+    assert not [r for r in render_scene(21, 256, "rural", lanes=3)[1] if r.kind == "paved"]
+    with pytest.raises(ValueError, match="lanes"):
+        render_scene(21, 64, "mixed", lanes=-1)
