@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import roadxfer.model as M  # noqa: E402
 import roadxfer.train as T  # noqa: E402
+from roadxfer.atomic import atomic_path  # noqa: E402
 from roadxfer.package import sha256_file, share_package  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
@@ -119,11 +120,13 @@ def drop_head(package: Path) -> int:
     emd = json.loads(emd_path.read_text())
     weights = package / emd["ModelFile"]
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    dropped = [k for k in state if k.startswith(AUX)]
-    torch.save({k: v for k, v in state.items() if not k.startswith(AUX)}, weights)
-    emd["roadxfer"]["weights_sha256"] = sha256_file(weights)
-    emd_path.write_text(json.dumps(emd, indent=2))
-    return len(dropped)
+    kept = {k: v for k, v in state.items() if not k.startswith(AUX)}
+    with atomic_path(weights) as tmp:
+        torch.save(kept, tmp)
+        emd["roadxfer"]["weights_sha256"] = sha256_file(tmp)
+    with atomic_path(emd_path) as tmp:
+        tmp.write_text(json.dumps(emd, indent=2))
+    return len(state) - len(kept)
 
 
 def main() -> None:

@@ -168,6 +168,8 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape:
         raise ValueError(f"unknown demo landscape {landscape!r}: use one of {sorted(LANDSCAPES)}")
     if not 0.05 <= cell <= 5.0:
         raise ValueError(f"demo cell size {cell} m is outside 0.05-5 m")
+    if not 0 <= lanes <= 20:
+        raise ValueError(f"demo lanes {lanes} is outside 0-20")
     land = LANDSCAPES[landscape]
     desert = landscape == "desert"
     rng = np.random.default_rng(seed)
@@ -183,8 +185,6 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape:
     img += rng.normal(0, 3.0, (3, *shape)).astype(np.float32)  # pebbles / sensor noise
 
     roads = _roads(rng, size, kind)
-    if not 0 <= lanes <= 20:
-        raise ValueError(f"demo lanes {lanes} is outside 0-20")
     if kind == "mixed":  # from the landscape's own stream: without lanes a scene keeps its bytes
         roads += [Road("paved", _smooth_path(lrng, size, 3, 90 * size / 1024), float(lrng.uniform(2.0, 4.5))) for _ in range(lanes)]
     rows, cols = np.mgrid[0:size, 0:size]

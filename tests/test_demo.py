@@ -92,16 +92,16 @@ def test_landscapes_vary_the_look_and_scale(tmp_path):
         render_scene(5, 64, "mixed", landscape="moon")
 
 
-
 def test_lanes_are_narrow_paved_roads_and_optional():
-    """``lanes`` adds paved roads as narrow as unpaved ones, drawn faint but visible; without it a scene keeps its bytes."""
+    """``lanes`` adds paved roads as narrow as unpaved ones, drawn faint but visible, and leaves the scene's other roads as they were."""
     from roadxfer.demo import LANE_MAX, LANDSCAPES, _distance
 
     for land in sorted(LANDSCAPES):
-        plain, plain_roads = render_scene(21, 384, "mixed", landscape=land, cell=0.5)
+        _, plain_roads = render_scene(21, 384, "mixed", landscape=land, cell=0.5)
         assert all(r.width_m >= 6 for r in plain_roads if r.kind == "paved")
         img, roads = render_scene(21, 384, "mixed", landscape=land, cell=0.5, lanes=3)
         lanes = [r for r in roads if r.kind == "paved" and r.width_m < LANE_MAX]
+        assert [(r.kind, r.width_m) for r in roads if r not in lanes] == [(r.kind, r.width_m) for r in plain_roads]
         assert len(lanes) >= 1 and all(2.0 <= r.width_m <= 4.5 for r in lanes)
         grey = img.astype(float).mean(0)
         seen = 0
