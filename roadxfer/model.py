@@ -34,6 +34,7 @@ class ModelSpec:
     in_channels: int = 3
     n_classes: int = 1  # road classes, background excluded
     orientation_bins: int = 18  # direction bins: over 180 degrees (ours) or 360 (reference layout)
+    side_channels: int = 0  # width of a trainable side network beside the encoder (SideNetwork); 0: none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,8 +112,48 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.arch == REFERENCE_ARCH:
         from .linknet_mtl import LinkNet34MTL
 
+        if spec.side_channels:
+            raise InputError(None, f"a side network (side_channels {spec.side_channels}) is not available for {REFERENCE_ARCH}", "set training.side_channels: 0, or use arch linknet or unet")
+
         return LinkNet34MTL(spec)
     return MultiTaskRoadModel(spec)
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SideNetwork(nn.Module):
+    """A small trainable CNN beside a frozen encoder ("side-tuning", Zhang et al., ECCV 2020).
+
+    Three stages of two 3x3 convolutions (``channels``, 2x and 4x as many; strides 2) read the
+    image; each stage's features are added to the encoder's skip features at 1/2, 1/4 and 1/8
+    of the resolution, through 1x1 convolutions that start at zero. So a model with a fresh
+    side network computes exactly what its pretrained model did, and the encoder's weights
+    and features stay untouched: the side network learns the fine, local cues of the new
+    roads (faint light lines) that features trained on paved roads do not carry.
+    """
+
+    def __init__(self, in_channels: int, channels: int, skip_channels: Sequence[int]) -> None:
+        super().__init__()
+        widths = (channels, 2 * channels, 4 * channels)
+        self.stages = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.stages.append(nn.Sequential(_conv_bn_relu(cin, w, 2), _conv_bn_relu(w, w)))
+            cin = w
+        self.merge = nn.ModuleList(nn.Conv2d(w, c, 1) for w, c in zip(widths, skip_channels, strict=True))
+        for conv in self.merge:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``features``: the encoder's (input, 1/2, 1/4, 1/8, ...); returns them with the side's added."""
+        out = list(features)
+        for i, (stage, merge) in enumerate(zip(self.stages, self.merge, strict=True), start=1):
+            x = stage(x)
+            out[i] = out[i] + merge(x)
+        return out
 
 
 class MultiTaskRoadModel(FreezableEncoder):
@@ -133,14 +174,21 @@ class MultiTaskRoadModel(FreezableEncoder):
         self.seg_decoder, self.seg_head = seg.decoder, seg.segmentation_head
         self.orient_decoder, self.orient_head = orient.decoder, orient.segmentation_head
         self.encoder_frozen = False
+        # Outside the encoder: never frozen with it (trained even when the encoder is not).
+        self.side = SideNetwork(spec.in_channels, spec.side_channels, self.encoder.out_channels[1:4]) if spec.side_channels else None
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features, with the side network's added where there is one."""
+        features = self.encoder(x)
+        return self.side(x, features) if self.side is not None else features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.encoder(x)
+        features = self.features(x)
         return self.seg_head(self.seg_decoder(features)), self.orient_head(self.orient_decoder(features))
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Road-mask logits only: classification needs no orientation, and this halves the decoding."""
-        return self.seg_head(self.seg_decoder(self.encoder(x)))
+        return self.seg_head(self.seg_decoder(self.features(x)))
 
 
 def read_state_dict(path: Path, what: str = "a PyTorch state dict") -> dict[str, torch.Tensor]:

@@ -260,6 +260,9 @@ def check_compatible(pkg: Package, *, spec: ModelSpec, classes: list[dict[str, A
         raise InputError(pkg.path, f"is a {p.arch}/{p.backbone} model but the config asks for {spec.arch}/{spec.backbone}", "set training.arch/backbone to the pretrained model's, or train from scratch")
     if p.arch != spec.arch:
         raise InputError(pkg.path, f"is a {p.arch} model but the config asks for {spec.arch}", f"set training.arch: {p.arch} for this model, or train from scratch")
+    if p.side_channels and p.side_channels != spec.side_channels:
+        raise InputError(pkg.path, f"has a side network of {p.side_channels} channels but the config asks for {spec.side_channels or 'none'}",
+                         f"set training.side_channels: {p.side_channels} to keep it (a model without it would lose what it learnt)")
     if p.in_channels != bands:
         raise InputError(source, f"has {bands}-band tiles but the pretrained model {pkg.path} takes {p.in_channels} bands", "export tiles from imagery with the pretrained model's bands")
     if tile_size % 32:

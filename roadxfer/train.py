@@ -61,6 +61,7 @@ class TrainConfig:
     unfreeze_lr_factor: float = 0.1
     train_bn: bool = False  # frozen encoder: its BatchNorm layers still learn (fastai's freeze)
     trainable_stages: tuple[str, ...] = ()  # frozen encoder: these stages (e.g. conv1, bn1, layer1) still learn
+    side_channels: int = 0  # a trainable side network beside the encoder (model.SideNetwork); 0: none
     encoder_checkpoint: str | None = None
     orientation_bin_size: int = 10
     augment: dict[str, Any] = field(default_factory=lambda: {"flips": True, "rot90": True, "color_jitter": 0.1})
@@ -457,8 +458,11 @@ def model_spec(cfg: TrainConfig, *, bands: int, n_classes: int, pretrained_spec:
             if 180 % cfg.reference_orientation_bin_size:
                 raise InputError(None, f"training.reference_orientation_bin_size {cfg.reference_orientation_bin_size} does not divide 180", "use 10, 20 (the reference's default) or 30")
             bins = 360 // cfg.reference_orientation_bin_size
+        if cfg.side_channels:
+            raise InputError(None, f"training.side_channels {cfg.side_channels}: a side network is not available for {REFERENCE_ARCH}", "set training.side_channels: 0, or use arch linknet or unet")
         return ModelSpec(arch=REFERENCE_ARCH, backbone="resnet34", in_channels=bands, n_classes=n_classes, orientation_bins=bins)
-    return ModelSpec(arch=cfg.arch, backbone=cfg.backbone, in_channels=bands, n_classes=n_classes, orientation_bins=n_bins(cfg.orientation_bin_size))
+    return ModelSpec(arch=cfg.arch, backbone=cfg.backbone, in_channels=bands, n_classes=n_classes, orientation_bins=n_bins(cfg.orientation_bin_size),
+                     side_channels=cfg.side_channels)
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -523,13 +527,21 @@ def train(
         reset = check_compatible(pkg, spec=spec, classes=list(classes), bands=data.bands, tile_size=data.tile_size, source=data.sources[0])
         state = pkg.model.state_dict()
         dropped: list[str] = []
+        fresh: tuple[str, ...] = ()  # prefixes of parts this model has and the pretrained one lacks
         if reset:
             # Heads for other classes or bins keep this model's fresh (seeded) initialisation.
-            drop = tuple(p for name, prefixes in (("segmentation head", model.SEG_HEAD), ("orientation head", model.ORIENT_HEAD)) if name in reset for p in prefixes)
-            dropped = sorted(k for k in state if k.startswith(drop))
-            state = {k: v for k, v in state.items() if not k.startswith(drop)}
+            fresh = tuple(p for name, prefixes in (("segmentation head", model.SEG_HEAD), ("orientation head", model.ORIENT_HEAD)) if name in reset for p in prefixes)
+            dropped = sorted(k for k in state if k.startswith(fresh))
+            state = {k: v for k, v in state.items() if not k.startswith(fresh)}
             log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s (%d tensors)", " and ".join(reset), len(dropped))
-        model.load_state_dict(state, strict=not reset)
+        if spec.side_channels and not pkg.spec.side_channels:
+            fresh += ("side.",)  # a new side network starts at zero: the model computes what the pretrained one did
+            log.info("side network of %d channels added beside the pretrained encoder (%d parameters, starts at zero)",
+                     spec.side_channels, sum(p.numel() for p in model.side.parameters()))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        misfit = sorted(unexpected) + sorted(k for k in missing if not k.startswith(fresh))
+        if misfit:  # check_compatible lets no other difference through; this is the last word
+            raise InputError(pkg.path, f"weights do not fit the model to train ({len(misfit)} tensor(s), e.g. {misfit[0]})", "check training.arch, backbone and side_channels against the pretrained model")
         log.info("pretrained weights: %d tensor(s) loaded, %d re-initialised", len(state), len(dropped))
         mean, std = pkg.mean, pkg.std  # the encoder was trained on inputs normalised this way
         if cfg.keep_pretrained:

@@ -146,6 +146,32 @@ def test_trainable_stages_learn_while_the_rest_of_the_encoder_stays_frozen():
     assert model.encoder_trainable == () and all(p.requires_grad for p in model.encoder.parameters())
 
 
+def test_side_network_starts_as_the_pretrained_model_and_learns_beside_the_frozen_encoder(tiles, base_package, tmp_path):
+    before = _state(base_package)
+    fresh = MultiTaskRoadModel(ModelSpec(backbone="resnet18", side_channels=8))
+    missing, unexpected = fresh.load_state_dict(before, strict=False)
+    assert not unexpected and missing and all(k.startswith("side.") for k in missing)
+    fresh.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # the side's merge convolutions start at zero: the pretrained model's output exactly
+        assert torch.equal(fresh(x)[0], load_package(base_package).model(x)[0]) and torch.equal(fresh.segment(x), fresh(x)[0])
+
+    out = tmp_path / "side"
+    train([tiles["transfer"]], out, TrainConfig(**{**FAST, "freeze": True, "side_channels": 8}), classes=ROAD, pretrained=base_package, threads=1)
+    pkg = load_package(out)  # strict: the package holds the side network and its .emd says so
+    assert pkg.spec.side_channels == 8
+    after = pkg.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))  # the encoder stays frozen
+    assert any(after[k].abs().sum() > 0 for k in after if k.startswith("side.merge.") and k.endswith(".weight"))  # and the side learnt
+
+    # Training on from it without the side network would drop what it learnt: refused, naming the fix.
+    with pytest.raises(InputError, match="side_channels: 8"):
+        train([tiles["transfer"]], tmp_path / "noside", TrainConfig(**{**FAST, "freeze": True}), classes=ROAD, pretrained=out, threads=1)
+    assert not (tmp_path / "noside" / "noside.pth").exists()
+    with pytest.raises(InputError, match="side network"):
+        train([tiles["transfer"]], tmp_path / "ref", TrainConfig(**{**FAST, "arch": "linknet34_mtl", "side_channels": 8}), classes=ROAD, threads=1)
+
+
 def test_unfreeze_after_trains_the_encoder_later(tiles, base_package, tmp_path):
     out = tmp_path / "unfrozen"
     train([tiles["transfer"]], out, TrainConfig(**{**FAST, "epochs": 2, "freeze": True, "unfreeze_after": 1}), classes=ROAD, pretrained=base_package, threads=1)
