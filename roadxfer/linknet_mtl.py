@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet34
 
-from .model import FreezableEncoder, ModelSpec
+from .model import FreezableEncoder, ModelSpec, SideNetwork
 
 FILTERS = (64, 128, 256, 512)
 BACKBONES = {"resnet34": resnet34, "resnet18": resnet18}
@@ -81,14 +81,19 @@ class LinkNet34MTL(FreezableEncoder):
             setattr(self, f"{prefix}finalconv2", nn.Conv2d(32, 32, 3))
             setattr(self, f"{prefix}finalconv3", nn.Conv2d(32, n_out, 2, padding=1))
         self.encoder_frozen = False
+        # Ours, not the reference's (its packages have none): a side network beside the encoder.
+        self.side = SideNetwork(spec.in_channels, spec.side_channels, FILTERS[:3], first_stride=4) if spec.side_channels else None
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of layer1..layer4 (strides 4, 8, 16, 32)."""
+        """Outputs of layer1..layer4 (strides 4, 8, 16, 32), with the side network's added to the first three."""
+        inp = x
         x = self.encoder[:4](x)
         feats = []
         for layer in self.encoder[4:]:
             x = layer(x)
             feats.append(x)
+        if self.side is not None:
+            feats = [*self.side(inp, feats[:3]), feats[3]]
         return feats
 
     def _branch(self, prefix: str, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

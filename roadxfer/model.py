@@ -112,9 +112,6 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.arch == REFERENCE_ARCH:
         from .linknet_mtl import LinkNet34MTL
 
-        if spec.side_channels:
-            raise InputError(None, f"a side network (side_channels {spec.side_channels}) is not available for {REFERENCE_ARCH}", "set training.side_channels: 0, or use arch linknet or unet")
-
         return LinkNet34MTL(spec)
     return MultiTaskRoadModel(spec)
 
@@ -126,33 +123,38 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class SideNetwork(nn.Module):
     """A small trainable CNN beside a frozen encoder ("side-tuning", Zhang et al., ECCV 2020).
 
-    Three stages of two 3x3 convolutions (``channels``, 2x and 4x as many; strides 2) read the
-    image; each stage's features are added to the encoder's skip features at 1/2, 1/4 and 1/8
-    of the resolution, through 1x1 convolutions that start at zero. So a model with a fresh
-    side network computes exactly what its pretrained model did, and the encoder's weights
-    and features stay untouched: the side network learns the fine, local cues of the new
-    roads (faint light lines) that features trained on paved roads do not carry.
+    Three stages of two 3x3 convolutions (``channels``, 2x and 4x as many) read the image;
+    the first brings it to 1/``first_stride`` of the resolution (2: the skips of the smp
+    models at 1/2, 1/4, 1/8; 4: the reference LinkNet's at 1/4, 1/8, 1/16), the others halve
+    it. Each stage's features are added to one of the encoder's skip features through a 1x1
+    convolution that starts at zero, so a model with a fresh side network computes exactly
+    what its pretrained model did, and the encoder's weights and features stay untouched:
+    the side network is there to learn the fine, local cues of the new roads (faint light
+    lines) that features trained on paved roads do not carry.
     """
 
-    def __init__(self, in_channels: int, channels: int, skip_channels: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, channels: int, skip_channels: Sequence[int], *, first_stride: int = 2) -> None:
         super().__init__()
+        if first_stride not in (2, 4):
+            raise ValueError(f"first_stride must be 2 or 4, not {first_stride}")
         widths = (channels, 2 * channels, 4 * channels)
         self.stages = nn.ModuleList()
         cin = in_channels
-        for w in widths:
-            self.stages.append(nn.Sequential(_conv_bn_relu(cin, w, 2), _conv_bn_relu(w, w)))
+        for i, w in enumerate(widths):
+            extra = [_conv_bn_relu(w, w, 2)] if i == 0 and first_stride == 4 else []
+            self.stages.append(nn.Sequential(_conv_bn_relu(cin, w, 2), *extra, _conv_bn_relu(w, w)))
             cin = w
         self.merge = nn.ModuleList(nn.Conv2d(w, c, 1) for w, c in zip(widths, skip_channels, strict=True))
         for conv in self.merge:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``features``: the encoder's (input, 1/2, 1/4, 1/8, ...); returns them with the side's added."""
-        out = list(features)
-        for i, (stage, merge) in enumerate(zip(self.stages, self.merge, strict=True), start=1):
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The three ``skips`` (finest first) with the side's features added."""
+        out = []
+        for skip, stage, merge in zip(skips, self.stages, self.merge, strict=True):
             x = stage(x)
-            out[i] = out[i] + merge(x)
+            out.append(skip + merge(x))
         return out
 
 
@@ -174,13 +176,15 @@ class MultiTaskRoadModel(FreezableEncoder):
         self.seg_decoder, self.seg_head = seg.decoder, seg.segmentation_head
         self.orient_decoder, self.orient_head = orient.decoder, orient.segmentation_head
         self.encoder_frozen = False
-        # Outside the encoder: never frozen with it (trained even when the encoder is not).
+        # Outside the encoder, so a frozen encoder leaves it learning.
         self.side = SideNetwork(spec.in_channels, spec.side_channels, self.encoder.out_channels[1:4]) if spec.side_channels else None
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's features, with the side network's added where there is one."""
-        features = self.encoder(x)
-        return self.side(x, features) if self.side is not None else features
+        features = self.encoder(x)  # the input, then 1/2, 1/4, 1/8, 1/16, 1/32
+        if self.side is not None:
+            features = [features[0], *self.side(x, features[1:4]), *features[4:]]
+        return features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x)

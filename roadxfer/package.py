@@ -125,8 +125,8 @@ def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, 
     load into a float32 model as usual.
 
     A model of the reference architecture also gets ``arcgis/<name>/`` and
-    ``arcgis/<name>.dlpk`` in the reference tool's layout (one road class only: the
-    reference's inference knows no other).
+    ``arcgis/<name>.dlpk`` in the reference tool's layout (one road class and no side
+    network only: the reference's inference knows no other).
     """
     folder = Path(folder)
     name = folder.name
@@ -147,7 +147,9 @@ def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, 
             shutil.copyfile(src, dst)
         spec = model.spec
         if spec.reference_layout:
-            if spec.n_classes == 1:
+            if spec.side_channels:
+                log.warning("%s has a side network, which the reference tool's road extractor lacks: no reference-layout copy is written", name)
+            elif spec.n_classes == 1:
                 reference.write_reference_package(tmp / "arcgis", name, spec, emd, weights, extras or {})
             else:
                 log.warning("%s has %d road classes: the reference tool's road extractor has one, so no reference-layout copy is written", name, spec.n_classes)

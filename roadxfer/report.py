@@ -187,6 +187,7 @@ def _provenance(models: Mapping[str, str]) -> pd.DataFrame:
             "parent": (p.get("parent") or {}).get("name", "—"),
             "parent sha256": ((p.get("parent") or {}).get("weights_sha256") or "—")[:16],
             "encoder frozen": cfg.get("freeze"),
+            "side network": pkg.spec.side_channels or "—",
             "keep pretrained": cfg.get("keep_pretrained"),
             "tiles": p.get("training_data", {}).get("tiles"),
             "data sha256": p.get("training_data", {}).get("sha256", "")[:16],

@@ -458,9 +458,7 @@ def model_spec(cfg: TrainConfig, *, bands: int, n_classes: int, pretrained_spec:
             if 180 % cfg.reference_orientation_bin_size:
                 raise InputError(None, f"training.reference_orientation_bin_size {cfg.reference_orientation_bin_size} does not divide 180", "use 10, 20 (the reference's default) or 30")
             bins = 360 // cfg.reference_orientation_bin_size
-        if cfg.side_channels:
-            raise InputError(None, f"training.side_channels {cfg.side_channels}: a side network is not available for {REFERENCE_ARCH}", "set training.side_channels: 0, or use arch linknet or unet")
-        return ModelSpec(arch=REFERENCE_ARCH, backbone="resnet34", in_channels=bands, n_classes=n_classes, orientation_bins=bins)
+        return ModelSpec(arch=REFERENCE_ARCH, backbone="resnet34", in_channels=bands, n_classes=n_classes, orientation_bins=bins, side_channels=cfg.side_channels)
     return ModelSpec(arch=cfg.arch, backbone=cfg.backbone, in_channels=bands, n_classes=n_classes, orientation_bins=n_bins(cfg.orientation_bin_size),
                      side_channels=cfg.side_channels)
 

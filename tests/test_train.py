@@ -168,8 +168,28 @@ def test_side_network_starts_as_the_pretrained_model_and_learns_beside_the_froze
     with pytest.raises(InputError, match="side_channels: 8"):
         train([tiles["transfer"]], tmp_path / "noside", TrainConfig(**{**FAST, "freeze": True}), classes=ROAD, pretrained=out, threads=1)
     assert not (tmp_path / "noside" / "noside.pth").exists()
-    with pytest.raises(InputError, match="side network"):
-        train([tiles["transfer"]], tmp_path / "ref", TrainConfig(**{**FAST, "arch": "linknet34_mtl", "side_channels": 8}), classes=ROAD, threads=1)
+
+
+def test_side_network_beside_the_reference_architecture(tmp_path, caplog):
+    from roadxfer.linknet_mtl import LinkNet34MTL
+    from roadxfer.package import build_emd
+
+    plain = LinkNet34MTL(ModelSpec(arch="linknet34_mtl", orientation_bins=36)).eval()
+    spec = ModelSpec(arch="linknet34_mtl", orientation_bins=36, side_channels=4)
+    side = LinkNet34MTL(spec)
+    missing, unexpected = side.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("side.") for k in missing)
+    side.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():  # a fresh side network: the reference model's output exactly
+        assert torch.equal(side.segment(x), plain.segment(x)) and torch.equal(side(x)[1], plain(x)[1])
+        side.side.merge[0].weight.fill_(0.1)
+        assert not torch.equal(side.segment(x), plain.segment(x))  # and its features do reach the road mask
+    emd = build_emd("ref", spec, tile_size=64, classes=ROAD, bin_size=10, mean=[0.0] * 3, std=[1 / 255] * 3, cell_size=None, provenance={})
+    with caplog.at_level(logging.WARNING, logger="roadxfer.package"):
+        write_package(tmp_path / "ref", side, emd)
+    assert not (tmp_path / "ref" / "arcgis").exists() and "no reference-layout copy" in caplog.text  # the reference tool could not load it
+    assert load_package(tmp_path / "ref").spec.side_channels == 4
 
 
 def test_unfreeze_after_trains_the_encoder_later(tiles, base_package, tmp_path):

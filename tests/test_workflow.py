@@ -75,7 +75,7 @@ def test_invalid_config_value_is_refused(tmp_path):
 
 
 def test_small_demo_runs_end_to_end(tmp_path):
-    wf = tiny_workflow(tmp_path)
+    wf = tiny_workflow(tmp_path, extra="models: {transfer: {training: {side_channels: 4}}}\n")  # as the demo: a side network beside the frozen encoder
     out = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wf)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for role in ("base", "transfer"):
@@ -94,15 +94,15 @@ def test_small_demo_runs_end_to_end(tmp_path):
         assert (out / "probability.tif").is_file() and (out / "centrelines.gpkg").is_file()
         with rasterio.open(out / "direction.tif") as d:
             assert d.shape == c.shape and d.read(1).max() < 180  # degrees, every pixel of the scene valid
-    parent = json.loads((wf / "results/models/transfer/transfer.emd").read_text())["roadxfer"]["parent"]
-    assert parent["name"] == "base"
+    record = json.loads((wf / "results/models/transfer/transfer.emd").read_text())["roadxfer"]
+    assert record["parent"]["name"] == "base" and record["spec"]["side_channels"] == 4
     summary = (wf / "results/evaluation/summary.csv").read_text().splitlines()
     assert summary[0].startswith("model,road_type,tp,fp,fn") and {"apls", "direction_acc15"} <= set(summary[0].split(","))
     assert {line.split(",")[0] for line in summary[1:]} == {"base", "transfer", "scratch"}
     report = (wf / "results/report/report.html").read_text()
     assert "direction_acc15" in report
     assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
-    assert "Did the transfer work?" in report and "weights sha256" in report
+    assert "Did the transfer work?" in report and "weights sha256" in report and "side network" in report
     # Snakemake's own report holds our results beside its provenance.
     rep = smk("--configfile", "cfg.yaml", "--report", "report.zip", cwd=wf)
     assert rep.returncode == 0, rep.stderr[-3000:]
