@@ -86,14 +86,13 @@ class LinkNet34MTL(FreezableEncoder):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of layer1..layer4 (strides 4, 8, 16, 32), with the side network's added to the first three."""
-        inp = x
-        x = self.encoder[:4](x)
+        h = self.encoder[:4](x)
         feats = []
         for layer in self.encoder[4:]:
-            x = layer(x)
-            feats.append(x)
+            h = layer(h)
+            feats.append(h)
         if self.side is not None:
-            feats = [*self.side(inp, feats[:3]), feats[3]]
+            feats = [*self.side(x, feats[:3]), feats[3]]
         return feats
 
     def _branch(self, prefix: str, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

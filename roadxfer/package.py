@@ -256,7 +256,11 @@ def _load_reference(emd_path: Path, emd: dict[str, Any], device: str | torch.dev
 
 
 def check_compatible(pkg: Package, *, spec: ModelSpec, classes: list[dict[str, Any]], bands: int, tile_size: int, source: str | Path) -> list[str]:
-    """Check a pretrained package can start training ``spec``; returns what must be re-initialised."""
+    """Check a pretrained package can start training ``spec``; returns the parts that start fresh.
+
+    Heads for other classes or bins are re-initialised; a side network the pretrained model
+    lacks is added (its output starting at zero).
+    """
     p = pkg.spec
     if p.arch == spec.arch and p.backbone != spec.backbone:
         raise InputError(pkg.path, f"is a {p.arch}/{p.backbone} model but the config asks for {spec.arch}/{spec.backbone}", "set training.arch/backbone to the pretrained model's, or train from scratch")
@@ -280,4 +284,6 @@ def check_compatible(pkg: Package, *, spec: ModelSpec, classes: list[dict[str, A
         reset.append("segmentation head")
     if p.orientation_bins != spec.orientation_bins:
         reset.append("orientation head")
+    if spec.side_channels and not p.side_channels:
+        reset.append("side network")
     return reset

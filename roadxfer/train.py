@@ -524,16 +524,15 @@ def train(
     if pkg is not None:
         reset = check_compatible(pkg, spec=spec, classes=list(classes), bands=data.bands, tile_size=data.tile_size, source=data.sources[0])
         state = pkg.model.state_dict()
-        dropped: list[str] = []
-        fresh: tuple[str, ...] = ()  # prefixes of parts this model has and the pretrained one lacks
-        if reset:
-            # Heads for other classes or bins keep this model's fresh (seeded) initialisation.
-            fresh = tuple(p for name, prefixes in (("segmentation head", model.SEG_HEAD), ("orientation head", model.ORIENT_HEAD)) if name in reset for p in prefixes)
-            dropped = sorted(k for k in state if k.startswith(fresh))
-            state = {k: v for k, v in state.items() if not k.startswith(fresh)}
-            log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s (%d tensors)", " and ".join(reset), len(dropped))
-        if spec.side_channels and not pkg.spec.side_channels:
-            fresh += ("side.",)  # a new side network starts at zero: the model computes what the pretrained one did
+        # Parts that start fresh: heads for other classes or bins keep this model's (seeded)
+        # initialisation; a new side network starts at zero, so the model computes what the pretrained one did.
+        parts = {"segmentation head": model.SEG_HEAD, "orientation head": model.ORIENT_HEAD, "side network": ("side.",)}
+        fresh = tuple(prefix for name in reset for prefix in parts[name])
+        dropped = sorted(k for k in state if k.startswith(fresh))
+        state = {k: v for k, v in state.items() if not k.startswith(fresh)}
+        if heads := [name for name in reset if name != "side network"]:
+            log.warning("the new data's classes/bins differ from the pretrained model's: re-initialised the %s (%d tensors)", " and ".join(heads), len(dropped))
+        if "side network" in reset:
             log.info("side network of %d channels added beside the pretrained encoder (%d parameters, starts at zero)",
                      spec.side_channels, sum(p.numel() for p in model.side.parameters()))
         missing, unexpected = model.load_state_dict(state, strict=False)
