@@ -171,6 +171,28 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
     return pd.DataFrame(rows)
 
 
+def retention_per_scene(per_scene: pd.DataFrame, scenes: Sequence[str], baseline: str, transfer: str, retained_types: Sequence[str] = ()) -> pd.DataFrame:
+    """Base and transfer F1 on each base-domain scene, side by side, with their false positives.
+
+    A pooled retention figure can hide one landscape where the transfer model adds false
+    roads (the demo's urban scenes); this table shows where it is lost.
+    """
+    types = list(retained_types) or ["all"]
+    sub = per_scene[per_scene["scene"].isin(list(scenes)) & per_scene["road_type"].isin(types)]
+    cols = ["f1", "precision", "recall", "fp"]
+    b = sub[sub["model"] == baseline].set_index(["scene", "road_type"])[cols]
+    t = sub[sub["model"] == transfer].set_index(["scene", "road_type"])[cols]
+    both = b.merge(t, left_index=True, right_index=True, suffixes=(f" {baseline}", f" {transfer}"))
+    if both.empty:
+        return pd.DataFrame(columns=["scene", "road_type", f"f1 {baseline}", f"f1 {transfer}", "change", "within 0.03"])
+    both["change"] = both[f"f1 {transfer}"] - both[f"f1 {baseline}"]
+    both["within 0.03"] = both["change"] >= -0.03
+    order = ["f1", "change", "within 0.03", "precision", "recall", "fp"]
+    out = both.reset_index()
+    keep = ["scene", "road_type"] + [c for k in order for c in ([f"{k} {baseline}", f"{k} {transfer}"] if f"{k} {baseline}" in out else [k])]
+    return out[keep].sort_values(["road_type", "scene"], kind="stable").reset_index(drop=True)
+
+
 def _provenance(models: Mapping[str, str]) -> pd.DataFrame:
     rows = []
     from .package import load_package  # ours or the reference tool's: the same fields either way
@@ -217,8 +239,13 @@ def write_report(
     scene_sheet: str | Path,
     items: Mapping[str, str | Path] | None = None,
     retention_csv: str | Path | None = None,
+    retention_scenes: Mapping[str, str] | None = None,
 ) -> None:
     """Write the report; every image is inlined, so the single file can be mailed or archived.
+
+    ``retention_scenes`` (scene -> image) also get before/after figures, over the window
+    where the transfer model adds the most road there: on the base domain, that is where
+    it finds new roads or makes false ones.
 
     ``items`` (optional) also writes the report's parts as files for Snakemake's own
     report: ``targets`` (CSV), ``charts`` (PNG), and the folders ``before_after``
@@ -229,7 +256,7 @@ def write_report(
     per_scene = pd.read_csv(scenes_csv)
     retention = pd.read_csv(retention_csv) if retention_csv else None
     retained = sorted(set(per_scene["scene"]) - set(test_scenes)) if retention is not None and len(retention) else []
-    per_scene = per_scene[per_scene["scene"].isin(list(test_scenes))]
+    all_scenes, per_scene = per_scene, per_scene[per_scene["scene"].isin(list(test_scenes))]
     ev = config.get("evaluation", {})
     baseline, transfer, control = ev.get("baseline", "base"), ev.get("transfer", "transfer"), ev.get("control")
     names = list(models)
@@ -258,17 +285,27 @@ def write_report(
                   + (f" (scored on {', '.join(map(html.escape, ev['retained_types']))} roads; each predicted pixel goes to the nearest road type, as on the test scenes)"
                      if ev.get("retained_types") else "") + ".</p>",
                   _table(retention[[c for c in cols if c in retention]])]
+        if baseline in names and transfer in names:
+            by_scene = retention_per_scene(all_scenes, retained, baseline, transfer, ev.get("retained_types") or ())
+            if len(by_scene):
+                parts += ["<h3>Per scene</h3>",
+                          f"<p>{html.escape(transfer)} against {html.escape(baseline)} on each base-domain scene; fp: predicted road pixels "
+                          "outside the reference (in that road type's share of the scene).</p>",
+                          _table(by_scene)]
     if baseline in names and transfer in names:
-        parts.append("<h2>Before and after</h2>")
-        for scene, image in test_scenes.items():
-            classified = {m: f"results/classified/{m}/{scene}/classes.tif" for m in names}
-            if not all(Path(p).is_file() for p in classified.values()):
-                continue
-            strip, gif, win = scene_figures(scene, image, classified, baseline, transfer, int(ev.get("report_window", 384)))
-            files[f"before_after/{scene}.png"] = strip
-            parts += [f"<figure><img alt='{scene} side by side' src='{_uri(strip)}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
-                      f"columns {win.col_off}-{win.col_off + win.width}: input and each model's roads (red).</figcaption></figure>",
-                      f"<figure><img alt='{scene} base vs transfer' src='{_uri(gif, 'gif')}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
+        for title, group in (("Before and after", test_scenes), ("Before and after: the base domain", retention_scenes or {})):
+            figures = []
+            for scene, image in group.items():
+                classified = {m: f"results/classified/{m}/{scene}/classes.tif" for m in names}
+                if not all(Path(p).is_file() for p in classified.values()):
+                    continue
+                strip, gif, win = scene_figures(scene, image, classified, baseline, transfer, int(ev.get("report_window", 384)))
+                files[f"before_after/{scene}.png"] = strip
+                figures += [f"<figure><img alt='{scene} side by side' src='{_uri(strip)}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
+                            f"columns {win.col_off}-{win.col_off + win.width}: input and each model's roads (red).</figcaption></figure>",
+                            f"<figure><img alt='{scene} base vs transfer' src='{_uri(gif, 'gif')}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
+            if figures:
+                parts += [f"<h2>{title}</h2>"] + figures
     parts.append("<h2>Training curves</h2>")
     for name, path in models.items():
         png = Path(path) / "ModelCharacteristics" / "loss_graph.png"

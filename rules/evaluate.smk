@@ -64,7 +64,7 @@ rule report:
         classified=expand(
             "results/classified/{model}/{scene}/classes.tif",
             model=CLASSIFY_MODELS,
-            scene=scenes_with_role("test"),
+            scene=scenes_with_role("test") + scenes_with_role("retention"),
         ),
     output:
         html="results/report/report.html",
@@ -89,6 +89,7 @@ rule report:
         config=config,
         scene_sheet=config["scenes"],
         test_scenes=lambda wc: {s: scenes.loc[s, "image"] for s in scenes_with_role("test")},
+        retention_scenes=lambda wc: {s: scenes.loc[s, "image"] for s in scenes_with_role("retention")},
         models=CLASSIFY_MODELS,
     log:
         "logs/report/report.log",

@@ -15,6 +15,7 @@ run_logged(
         retention_csv=sm.input.retention,
         models=dict(zip(sm.params.models, sm.input.models)),
         test_scenes=sm.params.test_scenes,
+        retention_scenes=sm.params.retention_scenes,
         config=sm.params.config,
         scene_sheet=sm.params.scene_sheet,
         items={k: sm.output[k] for k in ("targets", "charts", "before_after", "training")},

@@ -300,6 +300,25 @@ def test_retention_scenes_are_summed_apart(tmp_path):
     assert checks == ["road graph: transfer APLS > base APLS"]  # no per-type rows here, and no retention check
 
 
+def test_retention_per_scene_shows_where_it_is_lost():
+    """A pooled retention that passes can hide one landscape that fails: the per-scene table names it."""
+    import pandas as pd
+
+    from roadxfer.report import retention_per_scene
+
+    rows = [("rural", "base", "paved", 0.90, 100), ("rural", "transfer", "paved", 0.95, 80),
+            ("urban", "base", "paved", 0.85, 200), ("urban", "transfer", "paved", 0.75, 900),
+            ("urban", "transfer", "trail", 0.40, 50), ("test1", "base", "paved", 0.5, 1), ("test1", "transfer", "paved", 0.1, 1)]
+    df = pd.DataFrame([{"scene": s, "model": m, "road_type": t, "f1": f, "precision": f, "recall": f, "fp": fp} for s, m, t, f, fp in rows])
+    table = retention_per_scene(df, ["rural", "urban"], "base", "transfer", ["paved"]).set_index("scene")
+    assert list(table.index) == ["rural", "urban"]  # test scenes and other road types left out
+    assert table.loc["rural", "within 0.03"] and not table.loc["urban", "within 0.03"]
+    assert table.loc["urban", "change"] == pytest.approx(-0.10)
+    assert (table.loc["urban", "fp base"], table.loc["urban", "fp transfer"]) == (200, 900)
+    # Without retained types, the "all" rows; none here, so an empty table (no error).
+    assert retention_per_scene(df, ["rural", "urban"], "base", "transfer").empty
+
+
 def test_direction_accuracy_along_the_reference_lines(tmp_path):
     """A direction raster that says east-west everywhere is right on the east-west road, wrong on the north-south one;
     counted every cell along the lines, on the valid area only, and summed per type and over scenes."""

@@ -19,10 +19,12 @@ def smk(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def tiny_workflow(tmp: Path, rows: list[str] | None = None, extra: str = "") -> Path:
+def tiny_workflow(tmp: Path, rows: list[str] | None = None, extra: str = "", retention: bool = False) -> Path:
+    """A tiny demo workflow in ``tmp``; ``retention`` adds an urban base-domain scene of role retention."""
+    r1 = ", r1: {seed: 2, landscape: urban}" if retention else ""
     (tmp / "cfg.yaml").write_text(
         "scenes: scenes.tsv\n"
-        "demo: {size: 256, scenes: {b1: {seed: 1}, t1: {seed: 11, kind: rural}, x1: {seed: 101}}}\n"
+        f"demo: {{size: 256, scenes: {{b1: {{seed: 1}}, t1: {{seed: 11, kind: rural}}, x1: {{seed: 101}}{r1}}}}}\n"
         "tiles: {tile_size: 64, stride: 64}\n"
         "training: {backbone: resnet18, epochs: 1, batch_size: 4, patience: 0}\n"
         "resources: {train: {threads: 1, gpu: 0}, classify: {threads: 1, gpu: 0}}\n" + extra
@@ -31,7 +33,7 @@ def tiny_workflow(tmp: Path, rows: list[str] | None = None, extra: str = "") -> 
         "b1\tresources/demo/b1.tif\tresources/demo/b1.gpkg\troads\troad_type = 'paved'\tbase",
         "t1\tresources/demo/t1.tif\tresources/demo/t1.gpkg\troads\troad_type IN ('unpaved', 'trail')\ttransfer",
         "x1\tresources/demo/x1.tif\tresources/demo/x1.gpkg\t\t\ttest",
-    ]
+    ] + (["r1\tresources/demo/r1.tif\tresources/demo/r1.gpkg\t\t\tretention"] if retention else [])
     (tmp / "scenes.tsv").write_text("scene_id\timage\tlabels\tlayer\tfilter\trole\n" + "\n".join(rows) + "\n")
     return tmp
 
@@ -75,7 +77,8 @@ def test_invalid_config_value_is_refused(tmp_path):
 
 
 def test_small_demo_runs_end_to_end(tmp_path):
-    wf = tiny_workflow(tmp_path, extra="models: {transfer: {training: {side_channels: 4}}}\n")  # as the demo: a side network beside the frozen encoder
+    # As the demo: a side network beside the frozen encoder, and a scene of the base domain for retention.
+    wf = tiny_workflow(tmp_path, extra="models: {transfer: {training: {side_channels: 4}}}\n", retention=True)
     out = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wf)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for role in ("base", "transfer"):
@@ -103,6 +106,10 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert "direction_acc15" in report
     assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
     assert "Did the transfer work?" in report and "weights sha256" in report and "side network" in report
+    # Retention: pooled and per scene, and a before/after figure of the base-domain scene.
+    assert "retention (paved)" in report and "within 0.03" in report  # the per-scene table
+    assert "Before and after: the base domain" in report and "r1 side by side" in report
+    assert {line.split(",")[0] for line in (wf / "results/evaluation/retention.csv").read_text().splitlines()[1:]} == {"base", "transfer", "scratch"}
     # Snakemake's own report holds our results beside its provenance.
     rep = smk("--configfile", "cfg.yaml", "--report", "report.zip", cwd=wf)
     assert rep.returncode == 0, rep.stderr[-3000:]
@@ -112,7 +119,7 @@ def test_small_demo_runs_end_to_end(tmp_path):
         names = zf.namelist()
         html = " ".join(zf.read(n).decode(errors="ignore") for n in names if n.endswith((".html", ".js")))
     stored = {Path(n).name for n in names if "/data/raw/" in n}
-    assert {"summary.csv", "metrics_per_scene.csv", "targets.csv", "bar_charts.png", "x1.png", "base.png", "transfer.png", "scratch.png"} <= stored
+    assert {"summary.csv", "metrics_per_scene.csv", "targets.csv", "bar_charts.png", "x1.png", "r1.png", "base.png", "transfer.png", "scratch.png"} <= stored
     for category in ("Did the transfer work?", "Before and after", "Training curves", "Metrics"):
         assert category in html, category
     assert "re-purposes a pretrained road-extraction model" in html  # the workflow description
