@@ -171,6 +171,40 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
     return pd.DataFrame(rows)
 
 
+SPREAD_COLUMNS = ("f1", "recall", "relaxed_f1", "apls", "direction_acc15")  # what the checks read
+
+
+def mean_over_replicates(table: pd.DataFrame, replicates: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """``table`` with each repeated model's metrics replaced by their mean over its runs.
+
+    ``replicates`` maps a model to the models that repeat it with other training seeds; a
+    (model, road type) row is averaged only where every run has it (else left as it is).
+    """
+    out = table.copy()
+    cols = [c for c in SPREAD_COLUMNS if c in out]
+    for head, reps in replicates.items():
+        runs = [head, *reps]
+        for road_type in out.loc[out["model"] == head, "road_type"]:
+            rows = out[out["model"].isin(runs) & (out["road_type"] == road_type)]
+            if set(rows["model"]) == set(runs):
+                out.loc[(out["model"] == head) & (out["road_type"] == road_type), cols] = table.loc[rows.index, cols].mean().to_numpy()
+    return out
+
+
+def spread(table: pd.DataFrame, replicates: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """Mean, lowest and highest F1 (and APLS, for all roads) of each repeated model's runs, per road type."""
+    rows = []
+    for head, reps in replicates.items():
+        runs = [head, *reps]
+        for road_type, group in table[table["model"].isin(runs)].groupby("road_type", sort=True):
+            row = {"model": head, "road_type": road_type, "runs": len(group)}
+            for col in ("f1", "apls") if road_type == "all" else ("f1",):
+                if col in group:
+                    row |= {f"{col} mean": group[col].mean(), f"{col} min": group[col].min(), f"{col} max": group[col].max()}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def retention_per_scene(per_scene: pd.DataFrame, scenes: Sequence[str], baseline: str, transfer: str, retained_types: Sequence[str] = ()) -> pd.DataFrame:
     """Base and transfer F1 on each base-domain scene, side by side, with their false positives.
 
@@ -265,12 +299,18 @@ def write_report(
              "<h1>roadxfer: transfer learning report</h1>",
              f"<p>Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by roadxfer {__version__}, code <code>{html.escape(code_version())}</code>. "
              f"Models: {', '.join(names)}. Test scenes: {', '.join(test_scenes)}.</p>"]
+    replicates = {m: list(r) for m, r in (ev.get("replicates") or {}).items() if m in names and set(r) <= set(names)}
     if baseline in names and transfer in names:
-        t = targets(summary, baseline, transfer, control if control in names else None, retention, ev.get("retained_types") or ())
+        checked, kept = (summary, retention) if not replicates else (mean_over_replicates(summary, replicates), None if retention is None else mean_over_replicates(retention, replicates))
+        t = targets(checked, baseline, transfer, control if control in names else None, kept, ev.get("retained_types") or ())
         if len(t):
             files["targets"] = t.to_csv(index=False).encode()
             t["pass"] = ["<span class='pass'>yes</span>" if p else "<span class='fail'>no</span>" for p in t["pass"]]
-            parts += ["<h2>Did the transfer work?</h2>", t.to_html(index=False, escape=False, border=0)]
+            parts += ["<h2>Did the transfer work?</h2>"]
+            if replicates:
+                parts.append("<p>Checked on the mean over each repeated model's runs (training seeds): "
+                             + ", ".join(f"{html.escape(m)} ({len(r) + 1} runs)" for m, r in replicates.items()) + "; their spread is below the metrics.</p>")
+            parts.append(t.to_html(index=False, escape=False, border=0))
     parts += ["<h2>Metrics per model and road type (all test scenes)</h2>",
               "<p>Pixel metrics against the buffered reference lines; each predicted pixel is attributed to the road type whose reference is nearest. "
               f"Relaxed metrics accept a match within {ev.get('relaxed_pixels', 3)} px. APLS compares predicted centrelines with the reference polylines (average over scenes). "
@@ -278,6 +318,9 @@ def write_report(
               "(direction.tif) is within 15 degrees of the line's.</p>",
               _table(summary[[c for c in cols if c in summary]]), f"<img alt='bar charts' src='{_uri(files.setdefault('charts', bar_charts(summary, names)))}'>",
               "<h3>Per scene</h3>", _table(per_scene[[c for c in cols + ['scene'] if c in per_scene]])]
+    if replicates:
+        parts += ["<h3>Run-to-run spread</h3>", "<p>Each repeated model and its replicates (the same data and settings, other training seeds): "
+                  "mean, lowest and highest F1 per road type over the test scenes, and APLS.</p>", _table(spread(summary, replicates))]
     if retained:
         parts += ["<h2>Retention: the pretrained model's domain</h2>",
                   f"<p>Scenes of the base model's own kind ({', '.join(map(html.escape, retained))}), classified by every model: what the transfer "

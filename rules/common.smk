@@ -93,6 +93,10 @@ CLASSIFY_MODELS = [m for m in config["classify"]["models"] if m in MODELS]
 _unknown = sorted(set(config["classify"]["models"]) - set(MODELS))
 if _unknown:
     raise InputError(None, f"classify.models names unknown model(s) {_unknown}", f"use names from `models:` ({sorted(MODELS)})")
+_replicates = config["evaluation"]["replicates"]
+_unclassified = sorted({m for head, reps in _replicates.items() for m in [head, *reps]} - set(CLASSIFY_MODELS))
+if _unclassified:
+    raise InputError(None, f"evaluation.replicates names model(s) {_unclassified} that are not classified", "list them in `models:` and in `classify.models`")
 
 
 def model_datasets(name, key="datasets"):

@@ -343,3 +343,27 @@ def test_direction_accuracy_along_the_reference_lines(tmp_path):
     rows = {r["road_type"]: r for r in evaluate_scene(image, tmp_path / "pred.tif", None, labels, tmp_path / "m.json", EvalSettings(), scene_id="s", model="m",
                                                        direction=tmp_path / "dir.tif")["rows"]}
     assert rows["paved"]["direction_acc15"] == 0 and rows["trail"]["direction_acc15"] == 1
+
+
+def test_checks_use_the_mean_over_replicate_runs():
+    """With replicates, one lucky or unlucky run does not decide a check: the mean over the runs does."""
+    import pandas as pd
+
+    from roadxfer.report import mean_over_replicates, spread, targets
+
+    rows = [("base", "trail", 0.0), ("transfer", "trail", 0.80), ("t2", "trail", 0.70), ("t3", "trail", 0.75),
+            ("scratch", "trail", 0.60), ("s2", "trail", 0.90), ("s3", "trail", 0.90), ("t2", "unpaved", 0.5)]
+    summary = pd.DataFrame([{"model": m, "road_type": t, "f1": f, "recall": f, "relaxed_f1": f} for m, t, f in rows])
+    check = "trail: transfer F1 > scratch F1"
+    single = targets(summary, "base", "transfer", "scratch").set_index("check")
+    assert single.loc[check, "pass"]  # one run each: 0.80 > 0.60
+    reps = {"transfer": ["t2", "t3"], "scratch": ["s2", "s3"]}
+    means = mean_over_replicates(summary, reps)
+    assert means.set_index(["model", "road_type"]).loc[("transfer", "trail"), "f1"] == pytest.approx(0.75)
+    assert means.set_index(["model", "road_type"]).loc[("scratch", "trail"), "f1"] == pytest.approx(0.80)
+    assert not targets(means, "base", "transfer", "scratch").set_index("check").loc[check, "pass"]  # 0.75 < 0.80
+    assert summary.set_index(["model", "road_type"]).loc[("transfer", "trail"), "f1"] == 0.80  # the input is left alone
+    table = spread(summary, reps).set_index(["model", "road_type"])
+    assert table.loc[("scratch", "trail"), "runs"] == 3 and table.loc[("scratch", "trail"), "f1 min"] == 0.60
+    assert table.loc[("transfer", "unpaved"), "runs"] == 1  # only one run has unpaved rows: shown, not averaged
+    assert "unpaved" not in set(means.loc[means["model"] == "transfer", "road_type"])

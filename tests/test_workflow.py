@@ -70,6 +70,12 @@ def test_bad_scene_sheet_fails_at_parse_time(tmp_path, row, message):
     assert message in out.stdout + out.stderr
 
 
+def test_replicates_must_be_classified(tmp_path):
+    wf = tiny_workflow(tmp_path, extra="evaluation: {replicates: {transfer: [transfer_s43]}}\n")
+    out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
+    assert out.returncode != 0 and "evaluation.replicates names model(s) ['transfer_s43'] that are not classified" in out.stdout + out.stderr
+
+
 def test_invalid_config_value_is_refused(tmp_path):
     wf = tiny_workflow(tmp_path, extra="tiles: {tile_size: 100}\n")
     out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
