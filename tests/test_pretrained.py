@@ -67,10 +67,10 @@ def test_demo_brings_the_shipped_model_and_pretraining_makes_it():
     assert _jobs(tune, "demo_scene") == 3 + 5 + 5 + 3  # base, retention for tuning, tuning, transfer scenes
     holdout = _dry_run("config/demo.yaml", "config/holdout.yaml")
     assert _jobs(holdout, "demo_scene") == _jobs(demo, "demo_scene") and _jobs(holdout, "train_model") == 2
-    # The comparisons and the seed spread add models on top of the demo's two, with the demo's scenes.
+    # The seed spread adds four models on top of the demo's two, with the demo's scenes. (compare.yaml
+    # names the demo's tile folders, so it parses only after `make demo`.)
     spread = _dry_run("config/demo.yaml", "config/tune.yaml", "config/spread.yaml")
     assert _jobs(spread, "train_model") == 2 + 4 and _jobs(spread, "demo_scene") == _jobs(tune, "demo_scene")
-    assert _jobs(_dry_run("config/demo.yaml", "config/compare.yaml"), "train_model") == 2 + 8
 
 
 def test_seed_sets_are_disjoint():
