@@ -335,6 +335,8 @@ def write_report(
                           f"<p>{html.escape(transfer)} against {html.escape(baseline)} on each base-domain scene; fp: predicted road pixels "
                           "outside the reference (in that road type's share of the scene).</p>",
                           _table(by_scene)]
+        if replicates:
+            parts += ["<h3>Run-to-run spread</h3>", "<p>Mean, lowest and highest F1 of each repeated model's runs on these scenes.</p>", _table(spread(retention, replicates))]
     if baseline in names and transfer in names:
         for title, group in (("Before and after", test_scenes), ("Before and after: the base domain", retention_scenes or {})):
             figures = []

@@ -84,7 +84,11 @@ def test_invalid_config_value_is_refused(tmp_path):
 
 def test_small_demo_runs_end_to_end(tmp_path):
     # As the demo: a side network beside the frozen encoder, and a scene of the base domain for retention.
-    wf = tiny_workflow(tmp_path, extra="models: {transfer: {training: {side_channels: 4}}}\n", retention=True)
+    # A repeat of the transfer model with another training seed: the checks read the mean of the two.
+    wf = tiny_workflow(tmp_path, retention=True, extra=(
+        "models: {transfer: {training: {side_channels: 4}}, transfer_r2: {datasets: [transfer], pretrained: base, freeze: true, training: {side_channels: 4, seed: 43}}}\n"
+        "classify: {models: [base, transfer, scratch, transfer_r2]}\n"
+        "evaluation: {replicates: {transfer: [transfer_r2]}}\n"))
     out = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wf)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for role in ("base", "transfer"):
@@ -107,15 +111,16 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert record["parent"]["name"] == "base" and record["spec"]["side_channels"] == 4
     summary = (wf / "results/evaluation/summary.csv").read_text().splitlines()
     assert summary[0].startswith("model,road_type,tp,fp,fn") and {"apls", "direction_acc15"} <= set(summary[0].split(","))
-    assert {line.split(",")[0] for line in summary[1:]} == {"base", "transfer", "scratch"}
+    assert {line.split(",")[0] for line in summary[1:]} == {"base", "transfer", "scratch", "transfer_r2"}
     report = (wf / "results/report/report.html").read_text()
     assert "direction_acc15" in report
+    assert "transfer (2 runs)" in report and report.count("Run-to-run spread") == 2  # test scenes and retention scenes
     assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
     assert "Did the transfer work?" in report and "weights sha256" in report and "side network" in report
     # Retention: pooled and per scene, and a before/after figure of the base-domain scene.
     assert "retention (paved)" in report and "within 0.03" in report  # the per-scene table
     assert "Before and after: the base domain" in report and "r1 side by side" in report
-    assert {line.split(",")[0] for line in (wf / "results/evaluation/retention.csv").read_text().splitlines()[1:]} == {"base", "transfer", "scratch"}
+    assert {line.split(",")[0] for line in (wf / "results/evaluation/retention.csv").read_text().splitlines()[1:]} == {"base", "transfer", "scratch", "transfer_r2"}
     # Snakemake's own report holds our results beside its provenance.
     rep = smk("--configfile", "cfg.yaml", "--report", "report.zip", cwd=wf)
     assert rep.returncode == 0, rep.stderr[-3000:]
