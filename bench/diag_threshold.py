@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.evaluate import EvalSettings, mask_metrics, ratios, reference_masks  # noqa: E402
 from roadxfer.raster import image_info  # noqa: E402
 
-PROB_SCALE = 250  # uint8 probability rasters: 0-250 = P 0-1, 255 nodata
+PROB_SCALE = 250  # uint8 probability rasters (classify.probability_dtype): 0-250 = P 0-1, 255 nodata; float32: 0-1, NaN nodata
 
 
 def sweep(run: Path, model: str, scenes: list[str], thresholds: list[float], buffer_radius: float) -> tuple[dict, dict]:
@@ -37,9 +37,10 @@ def sweep(run: Path, model: str, scenes: list[str], thresholds: list[float], buf
         refs, _ = reference_masks(image_info(image), image.with_suffix(".gpkg"), settings, layer="roads")
         with rasterio.open(run / "results" / "classified" / model / scene / "probability.tif") as src:
             prob = src.read(1)
-        valid = prob != 255
+        scaled = prob.dtype == np.uint8
+        valid = prob != 255 if scaled else ~np.isnan(prob)
         for t in thresholds:
-            found = mask_metrics((prob >= round(t * PROB_SCALE)) & valid, refs, valid, 3.0)
+            found = mask_metrics((prob >= (round(t * PROB_SCALE) if scaled else t)) & valid, refs, valid, 3.0)
             for road_type, c in found.items():
                 acc = total[t].setdefault(road_type, dict.fromkeys(c, 0))
                 for k, v in c.items():

@@ -184,10 +184,10 @@ def mean_over_replicates(table: pd.DataFrame, replicates: Mapping[str, Sequence[
     cols = [c for c in SPREAD_COLUMNS if c in out]
     for head, reps in replicates.items():
         runs = [head, *reps]
-        for road_type in out.loc[out["model"] == head, "road_type"]:
-            rows = out[out["model"].isin(runs) & (out["road_type"] == road_type)]
+        for road_type in table.loc[table["model"] == head, "road_type"]:
+            rows = table[table["model"].isin(runs) & (table["road_type"] == road_type)]
             if set(rows["model"]) == set(runs):
-                out.loc[(out["model"] == head) & (out["road_type"] == road_type), cols] = table.loc[rows.index, cols].mean().to_numpy()
+                out.loc[(out["model"] == head) & (out["road_type"] == road_type), cols] = rows[cols].mean().to_numpy()
     return out
 
 
