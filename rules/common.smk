@@ -45,6 +45,11 @@ def scenes_with_role(*roles):
     return [s for s in scenes.index if scenes.loc[s, "role"] in roles]
 
 
+def role_tile_settings(wildcards):
+    """tiles, with what tiles_by_role sets for the scene's role (which chips to keep)."""
+    return {**config["tiles"], **config["tiles_by_role"].get(scenes.loc[wildcards.scene, "role"], {})}
+
+
 def scene_image(wildcards):
     return scenes.loc[wildcards.scene, "image"]
 

@@ -7,7 +7,7 @@ rule export_tiles:
     output:
         directory("results/tiles/{scene}"),
     params:
-        tiles=config["tiles"],
+        tiles=role_tile_settings,
         image=config["image"],
         classes=config["classes"],
         bin_size=config["labels"]["orientation_bin_size"],

@@ -191,6 +191,18 @@ def test_a_training_scene_too_small_for_a_tile_fails_at_dag_time(tmp_path):
     assert "t1.tif: scene 't1' is 256x256 px, too small for one 512 px tile" in out.stdout + out.stderr
 
 
+def test_tiles_by_role_keeps_chips_by_the_scene_role(tmp_path):
+    """tiles_by_role: the transfer scene keeps every chip, the base scene only chips with a labelled road."""
+    wf = tiny_workflow(tmp_path, extra="tiles_by_role: {transfer: {keep: all}}\n")
+    out = smk("--configfile", "cfg.yaml", "--cores", "2", "results/tiles/b1", "results/tiles/t1", cwd=wf)
+    assert out.returncode == 0, out.stderr[-3000:]
+    count = {s: len(list((wf / "results/tiles" / s / "images").iterdir())) for s in ("b1", "t1")}
+    assert count["t1"] == 16  # 256 px scene, 64 px chips: all of them
+    assert 0 < count["b1"] < 16  # the base scene's paved roads do not cross every chip
+    bad = smk("--configfile", "cfg.yaml", "--dry-run", "--config", "tiles_by_role={'bse': {'keep': 'all'}}", cwd=wf)
+    assert bad.returncode != 0 and "bse" in bad.stdout + bad.stderr
+
+
 def test_usable_as_a_module_of_another_workflow(tmp_path):
     """An outer workflow imports roadxfer from a local path with its own config and scene sheet."""
     wf = tiny_workflow(tmp_path)  # the scene sheet; the config goes under the outer workflow's own key
