@@ -58,6 +58,9 @@ def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:
                 if entry not in ROLES and not Path(entry).exists():
                     raise InputError(source, f"models.{name}.{key} entry {entry!r} is neither a role ({', '.join(ROLES)}) nor an existing Classified Tiles folder",
                                      "fix the role name or the folder path")
+    for role in config.get("tiles_by_role", {}):
+        if role not in ROLES:
+            raise InputError(source, f"tiles_by_role.{role}: {role!r} is not a role ({', '.join(ROLES)})", "use a role of the scene sheet")
     _check_classify_geometry(config, source)
     _check_image(config.get("image", {}), source)
 
