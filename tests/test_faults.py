@@ -244,7 +244,7 @@ def _checkpoint_bytes(tiles: Path, tmp_path: Path) -> bytes:
     """The checkpoint of a real training run, taken while that run is between epochs."""
     work = tmp_path / "wc"
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom roadxfer.train import TrainConfig, train\n"
-            f"train([{str(tiles)!r}], {str(tmp_path / 'c')!r}, TrainConfig(**{ {**FAST, 'epochs': 50}!r}), classes={ROAD!r}, workdir={str(work)!r})\n")
+            f"train([{str(tiles)!r}], {str(tmp_path / 'c')!r}, TrainConfig(**{ {**FAST, 'epochs': 50, 'checkpoint_seconds': 0}!r}), classes={ROAD!r}, workdir={str(work)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     assert _kill_when(proc, lambda: (work / "checkpoint.pt").is_file())
     return (work / "checkpoint.pt").read_bytes()

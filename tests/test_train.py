@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -243,13 +244,13 @@ def test_precision_choices(monkeypatch):
         assert tuple(schema["properties"][section]["properties"]["precision"]["enum"]) == tr.PRECISIONS
 
 
-def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int) -> list[str]:
+def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int, **options: Any) -> list[str]:
     code = (
         "import logging, sys; sys.path.insert(0, %r)\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "from roadxfer.train import TrainConfig, train\n"
         "train([%r], %r, TrainConfig(**%r), classes=%r, workdir=%r, threads=1)\n"
-    ) % (str(ROOT), str(tiles), str(out), {**FAST, "epochs": epochs}, ROAD, str(workdir))
+    ) % (str(ROOT), str(tiles), str(out), {**FAST, "epochs": epochs, **options}, ROAD, str(workdir))
     return [sys.executable, "-c", code]
 
 
@@ -257,7 +258,7 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     epochs = 5
     subprocess.run(_train_cmd(tiles["base"], tmp_path / "straight", tmp_path / "w1", epochs), check=True)
     ckpt = tmp_path / "w2" / "checkpoint.pt"
-    proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs))
+    proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, checkpoint_seconds=0))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
@@ -269,6 +270,7 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     assert not (tmp_path / "resumed").exists()  # nothing that looks like a finished package
     done = torch.load(ckpt, weights_only=True)["epoch"] + 1
     assert 1 < done + 1 <= epochs
+    # Resumed with the default checkpoint_seconds: how often checkpoints are written is not a setting that voids them.
     rerun = subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs), check=True, capture_output=True, text=True)
     # It resumed: only the epochs after the checkpoint ran (a fresh start would log epoch 1 again).
     assert f"resuming from {ckpt} after epoch {done}" in rerun.stderr
@@ -277,6 +279,30 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     hist = json.loads((tmp_path / "resumed" / "resumed.emd").read_text())["roadxfer"]["history"]
     assert [h["epoch"] for h in hist] == list(range(1, epochs + 1))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_keeps_freed_memory_unless_the_user_set_it(monkeypatch):
+    import ctypes
+
+    from roadxfer.train import keep_freed_memory
+
+    assert keep_freed_memory.__wrapped__() is (hasattr(ctypes.CDLL(None), "mallopt"))  # glibc: applied
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert keep_freed_memory.__wrapped__() is False  # the user's MALLOC_* variables win
+
+
+def test_checkpoints_are_written_at_most_every_checkpoint_seconds(tiles, tmp_path, caplog):
+    """0 writes one after every epoch but the last (whose state is the package); a long interval none on a short run."""
+    def written(seconds: float, name: str) -> list[int]:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="roadxfer.train"):
+            train([tiles["base"]], tmp_path / name, TrainConfig(**{**FAST, "epochs": 4, "checkpoint_seconds": seconds}), classes=ROAD, threads=1)
+        return [int(e) for e in re.findall(r"checkpoint written after epoch (\d+)", caplog.text)]
+
+    assert written(0, "every") == [1, 2, 3]
+    assert written(3600, "hourly") == []
+    assert not (tmp_path / ".every.work").exists() and not (tmp_path / ".hourly.work").exists()  # removed once the package is written
 
 
 @pytest.mark.parametrize("classes", [[{"value": 1, "name": "unpaved road"}], [{"value": 1, "name": "unpaved road"}, {"value": 2, "name": "trail"}]])
