@@ -1,8 +1,9 @@
 """Step 3: train a multi-task road model, from scratch or from a pretrained package with its encoder frozen.
 
-Resumable: a checkpoint is written atomically after every epoch to ``workdir``; a job that
-is killed and started again (SLURM preemption or requeue) continues from the last
-finished epoch and ends with the same weights as an uninterrupted run (same seed, CPU).
+Resumable: a checkpoint is written atomically to ``workdir`` at the end of an epoch, at most
+every ``checkpoint_seconds``; a job that is killed and started again (SLURM preemption or
+requeue) continues from the epoch it holds and ends with the same weights as an
+uninterrupted run (same seed, CPU).
 """
 
 from __future__ import annotations
