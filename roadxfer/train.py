@@ -19,9 +19,11 @@ import logging
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,29 @@ log = logging.getLogger(__name__)
 
 # Settings that do not change what training computes: a checkpoint written under others still resumes.
 RESUME_NEUTRAL = ("checkpoint_seconds", "stage_tiles", "zip_dlpk")
+
+
+class Stopped(RuntimeError):
+    """Training stopped on SIGTERM (SLURM preemption or the time limit) after writing a checkpoint."""
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """While open, SIGTERM only sets a flag (read at the end of each epoch) instead of killing the process.
+
+    SLURM sends SIGTERM, then SIGKILL ``KillWait`` seconds later (30 by default): time to
+    finish the epoch and checkpoint it. Off the main thread (where signals cannot be
+    handled) the flag is never set.
+    """
+    asked: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -409,7 +434,8 @@ def _spawn(processes: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise InputError(None, f"training.batch_size {cfg.batch_size} does not split over {processes} processes", f"use a batch_size divisible by {processes} (it is the global batch)")
     log_files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     log.info("training on %d processes (DistributedDataParallel, global batch %d = %d per process)", processes, cfg.batch_size, cfg.batch_size // processes)
-    torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), kwargs, log_files), nprocs=processes, join=True)
+    with stop_requests():  # SIGTERM reaches every process of the job: the workers checkpoint, this one waits for them
+        torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), kwargs, log_files), nprocs=processes, join=True)
     emd = json.loads((Path(kwargs["out_package"]) / f"{Path(kwargs['out_package']).name}.emd").read_text())
     return emd["roadxfer"]["best"]
 
@@ -650,56 +676,66 @@ def train(
 
     stopped_early = False
     saved_at = time.monotonic()
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.freeze and cfg.unfreeze_after is not None and frozen_now and epoch >= cfg.unfreeze_after:
-            frozen_now = False
-            model.freeze_encoder(False)
-            optimizer = make_optimizer(model, cfg, encoder_trainable=True)
-            net = _parallel(model, world, dev)  # DDP registers the parameters that need gradients when it is built
-            log.info("epoch %d: encoder unfrozen, lr x%g for it", epoch + 1, cfg.unfreeze_lr_factor)
-        t0 = time.perf_counter()
-        train_set.epoch = epoch
-        train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        batches = global_batches(len(train_set), cfg.batch_size, gen, drop_last=drop_last, rank=rank, world=world)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw)
-        model.train()
-        total, n = 0.0, 0
-        for batch in loader:
-            total += train_step(model, optimizer, scaler, batch, dev, cfg, forward=net) * len(batch[0])
-            n += len(batch[0])
-        if world > 1:
-            sums = torch.tensor([total, n], dtype=torch.float64)
-            dist.all_reduce(sums)
-            total, n = float(sums[0]), int(sums[1])
-            for b in model.buffers():  # BatchNorm statistics as rank 0 has them: every rank validates the same model
-                dist.broadcast(b, 0)
-        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan"), "val_orient_acc1": float("nan")})}
-        metrics["seconds"] = time.perf_counter() - t0
-        metrics["encoder_frozen"] = frozen_now
-        history.append(metrics)
-        score = metrics["val_road_iou"] if len(val_idx) else -metrics["train_loss"]
-        improved = score > best
-        if improved:
-            best, bad = score, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            bad += 1
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f (within one bin %.3f)  %.1fs (%.1f tiles/s)%s",
-                 epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["val_orient_acc1"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
-        # Every epoch's checkpoint cost a demo epoch 7% (about 200 MB written); the last epoch's is never read.
-        if lead and epoch + 1 < cfg.epochs and time.monotonic() - saved_at >= cfg.checkpoint_seconds:
-            saved_at = time.monotonic()
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
-                            "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()}}, tmp)
-            log.debug("checkpoint written after epoch %d", epoch + 1)
-        if world > 1:
-            dist.barrier()
-        if cfg.patience and bad >= cfg.patience:
-            log.info("early stop: validation road IoU did not improve for %d epochs", cfg.patience)
-            stopped_early = True
-            break
+    with stop_requests() as stop_requested:
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.freeze and cfg.unfreeze_after is not None and frozen_now and epoch >= cfg.unfreeze_after:
+                frozen_now = False
+                model.freeze_encoder(False)
+                optimizer = make_optimizer(model, cfg, encoder_trainable=True)
+                net = _parallel(model, world, dev)  # DDP registers the parameters that need gradients when it is built
+                log.info("epoch %d: encoder unfrozen, lr x%g for it", epoch + 1, cfg.unfreeze_lr_factor)
+            t0 = time.perf_counter()
+            train_set.epoch = epoch
+            train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=epoch)
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            batches = global_batches(len(train_set), cfg.batch_size, gen, drop_last=drop_last, rank=rank, world=world)
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw)
+            model.train()
+            total, n = 0.0, 0
+            for batch in loader:
+                total += train_step(model, optimizer, scaler, batch, dev, cfg, forward=net) * len(batch[0])
+                n += len(batch[0])
+            if world > 1:
+                sums = torch.tensor([total, n], dtype=torch.float64)
+                dist.all_reduce(sums)
+                total, n = float(sums[0]), int(sums[1])
+                for b in model.buffers():  # BatchNorm statistics as rank 0 has them: every rank validates the same model
+                    dist.broadcast(b, 0)
+            metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan"), "val_orient_acc1": float("nan")})}
+            metrics["seconds"] = time.perf_counter() - t0
+            metrics["encoder_frozen"] = frozen_now
+            history.append(metrics)
+            score = metrics["val_road_iou"] if len(val_idx) else -metrics["train_loss"]
+            improved = score > best
+            if improved:
+                best, bad = score, 0
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            else:
+                bad += 1
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f (within one bin %.3f)  %.1fs (%.1f tiles/s)%s",
+                     epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["val_orient_acc1"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
+            stop = stop_requested()
+            if world > 1:  # every rank stops at the same epoch
+                flag = torch.tensor([int(stop)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag)
+            last = epoch + 1 >= cfg.epochs or bool(cfg.patience and bad >= cfg.patience)
+            # Every epoch's checkpoint cost a demo epoch 7% (about 200 MB written); the last epoch's is never read.
+            if lead and not last and (stop or time.monotonic() - saved_at >= cfg.checkpoint_seconds):
+                saved_at = time.monotonic()
+                with atomic_path(ckpt_path) as tmp:
+                    torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
+                                "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()}}, tmp)
+                log.debug("checkpoint written after epoch %d", epoch + 1)
+            if world > 1:
+                dist.barrier()
+            if stop and not last:
+                log.warning("SIGTERM: stopped after epoch %d of %d; %s holds it, and the same command resumes from there", epoch + 1, cfg.epochs, ckpt_path)
+                raise Stopped(f"stopped on SIGTERM after epoch {epoch + 1} of {cfg.epochs}; rerun to resume from {ckpt_path}")
+            if cfg.patience and bad >= cfg.patience:
+                log.info("early stop: validation road IoU did not improve for %d epochs", cfg.patience)
+                stopped_early = True
+                break
 
     model.load_state_dict(best_state)
     best_metrics = max(history, key=lambda m: m["val_road_iou"] if len(val_idx) else -m["train_loss"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -303,6 +304,34 @@ def test_checkpoints_are_written_at_most_every_checkpoint_seconds(tiles, tmp_pat
     assert written(0, "every") == [1, 2, 3]
     assert written(3600, "hourly") == []
     assert not (tmp_path / ".every.work").exists() and not (tmp_path / ".hourly.work").exists()  # removed once the package is written
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_checkpoints_the_epoch_and_stops(tiles, tmp_path, processes):
+    """SLURM's SIGTERM before a kill: the epoch ends, is checkpointed (however long the interval), the job fails, a rerun resumes.
+
+    SLURM signals every process of the job: with 2 (DDP) processes the whole process group gets it.
+    """
+    epochs = 6  # the signal lands in epoch 2 or so: room before the last epoch, which would end in a package instead
+    cmd = _train_cmd(tiles["base"], tmp_path / "m", tmp_path / "w", epochs, checkpoint_seconds=3600)
+    if processes > 1:
+        cmd[-1] = cmd[-1].replace("threads=1)", f"threads=1, processes={processes})")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stderr:  # the first epoch's log line: training is under way
+        seen.append(line)
+        if f"epoch 1/{epochs}" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=300) != 0, err
+    assert not (tmp_path / "m").exists()  # no package that looks finished
+    done = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["epoch"] + 1
+    assert 1 <= done < epochs and f"SIGTERM: stopped after epoch {done} of {epochs}" in err
+    assert (f"training on {processes} processes" in err) is (processes > 1)
+    rerun = subprocess.run(_train_cmd(tiles["base"], tmp_path / "m", tmp_path / "w", epochs), check=True, capture_output=True, text=True)
+    assert f"resuming from {tmp_path / 'w' / 'checkpoint.pt'} after epoch {done}" in rerun.stderr
+    assert (tmp_path / "m" / "m.pth").is_file()
 
 
 @pytest.mark.parametrize("classes", [[{"value": 1, "name": "unpaved road"}], [{"value": 1, "name": "unpaved road"}, {"value": 2, "name": "trail"}]])
