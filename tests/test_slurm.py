@@ -132,10 +132,12 @@ def test_a_cancelled_job_fails_the_run_instead_of_leaving_it_waiting(cluster, tm
         deadline, victim = time.monotonic() + 600, None
         while victim is None and time.monotonic() < deadline and proc.poll() is None:
             running = [j for j in cluster.jobs() if j["comment"].startswith("rule_train_model") and j["state"] == "RUNNING"]
-            victim = running[0]["id"] if running else None
+            victim, model = (running[0]["id"], running[0]["comment"].split("_wildcards_")[-1]) if running else (None, None)
             time.sleep(2)
         assert victim is not None, "no training job ever ran"
-        time.sleep(3)
+        train_log = wf / "logs" / "models" / f"{model}.log"
+        while "epoch 1/40" not in (train_log.read_text() if train_log.is_file() else "") and time.monotonic() < deadline:
+            time.sleep(0.5)  # cancelled mid-training, not while it is still importing torch
         subprocess.run(["scancel", victim], env=cluster.env, check=True)
         rc = proc.wait(timeout=300)  # before the fix in the profile (sacct) this waited forever
     finally:
@@ -144,6 +146,9 @@ def test_a_cancelled_job_fails_the_run_instead_of_leaving_it_waiting(cluster, tm
         log.close()
     text = (tmp_path / "run.log").read_text()
     assert rc != 0 and "Error in rule train_model" in text and victim in text and "CANCELLED" in text
+    # scancel sends SIGTERM first (SIGKILL KillWait=5 s later): the training checkpointed its epoch and said so.
+    assert "SIGTERM: stopped after epoch" in train_log.read_text()
+    assert (wf / "results" / "checkpoints" / model / "checkpoint.pt").is_file()
     if cluster.accounting:
         # Why the profile polls with squeue: the accounting database records "CANCELLED by <uid>", a state
         # snakemake-executor-plugin-slurm 2.8.0 does not match, so with sacct polling this run would wait forever.
