@@ -1,6 +1,10 @@
 """Benchmark of the training loop (step 3). Prints figures; asserts nothing.
 
-  python bench/bench_train.py [--arch linknet|unet|linknet34_mtl] [--backbone resnet34] [--tile 256] [--batch 8] [--steps 8] [--device cpu|cuda] [--precision auto|fp32|bf16|fp16 ...]
+  python bench/bench_train.py [--arch linknet|unet|linknet34_mtl] [--backbone resnet34] [--tile 256] [--batch 8] [--steps 8] [--side-channels 0] [--device cpu|cuda] [--precision auto|fp32|bf16|fp16 ...]
+
+The demo's models: ``--arch unet --backbone resnet18 --tile 128 --batch 16 --side-channels 32 --threads 2``.
+With ``ROADXFER_MALLOC=default`` in the environment glibc's malloc is left as it is
+(``roadxfer.train.keep_freed_memory``), for a before/after of that setting.
 
 * samples/s through the real training loop (DataLoader from Classified Tiles in memory,
   augmentation, loss, optimiser) versus bare training steps on tensors already in
@@ -27,7 +31,7 @@ from roadxfer.demo import write_scene  # noqa: E402
 from roadxfer.labels import LabelSettings, rasterize_scene  # noqa: E402
 from roadxfer.model import build_model  # noqa: E402
 from roadxfer.tiles import TileSettings, export_tiles  # noqa: E402
-from roadxfer.train import PRECISIONS, TrainConfig, _attach_io, amp_dtype, channels_last, make_optimizer, make_scaler, model_spec, pick_device, precision_name, set_threads, train_step  # noqa: E402
+from roadxfer.train import PRECISIONS, TrainConfig, _attach_io, amp_dtype, channels_last, keep_freed_memory, make_optimizer, make_scaler, model_spec, pick_device, precision_name, set_threads, train_step  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
@@ -54,13 +58,14 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--side-channels", type=int, default=0)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS)
     args = ap.parse_args()
     workers = set_threads(args.threads)
     dev = pick_device(args.device)
-    cfg = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch, precision=args.precision[0])
+    cfg = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch, precision=args.precision[0], side_channels=args.side_channels)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         write_scene(21, tmp / "s.tif", tmp / "s.gpkg", size=1024)
@@ -87,7 +92,8 @@ def main() -> None:
         return precision_name(amp_dtype(dev, precision))
 
     print(f"device {dev}, {args.arch}/{args.backbone}, tile {args.tile}, batch {args.batch}, {args.steps} timed steps, torch threads {torch.get_num_threads()}, loader workers {workers}, "
-          f"precision {args.precision[0]} ({dtype_name(args.precision[0])})")
+          f"precision {args.precision[0]} ({dtype_name(args.precision[0])}), side network {args.side_channels or 'none'}, "
+          f"malloc {'keeps freed memory' if keep_freed_memory() else 'as glibc sets it'}")
     res = {}
     for frozen in (False, True):
         m, o, s = fresh(frozen)
@@ -99,7 +105,7 @@ def main() -> None:
         print(f"{label:15s} real loop {args.batch / loop:7.2f} samples/s   bare step {args.batch / bare:7.2f} samples/s   ratio {bare / loop:.2f} (goal >= 0.9)")
     print(f"frozen-encoder speed-up per step: {res[False] / res[True]:.2f}x (goal >= 1.8x for LinkNet-34)")
     for precision in args.precision[1:]:
-        other = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch, precision=precision)
+        other = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch, precision=precision, side_channels=args.side_channels)
         for frozen in (False, True):
             m, o, s = fresh(frozen, other)
             t = timed_steps(m, o, s, in_memory, dev, other)

@@ -134,10 +134,10 @@ def keep_freed_memory() -> bool:
     each one afresh and unmaps it when freed, so every step page-faults all of it in again
     (measured: a fifth of a demo training step on a 2-core VM). The process keeps its peak
     instead, which a job's memory limit must allow for anyway. The ``MALLOC_*`` variables,
-    when set, win (the user's choice). Returns whether the setting was applied (False off
-    glibc, e.g. macOS or musl).
+    when set, win (the user's choice), and ``ROADXFER_MALLOC=default`` leaves glibc as it is.
+    Returns whether the setting was applied (False off glibc, e.g. macOS or musl).
     """
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_")):
+    if os.environ.get("ROADXFER_MALLOC") == "default" or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_")):
         return False
     try:
         libc = ctypes.CDLL(None)

@@ -289,6 +289,9 @@ def test_malloc_keeps_freed_memory_unless_the_user_set_it(monkeypatch):
     from roadxfer.train import keep_freed_memory
 
     assert keep_freed_memory.__wrapped__() is (hasattr(ctypes.CDLL(None), "mallopt"))  # glibc: applied
+    monkeypatch.setenv("ROADXFER_MALLOC", "default")
+    assert keep_freed_memory.__wrapped__() is False  # glibc left as it is (e.g. to compare, bench/bench_train.py)
+    monkeypatch.delenv("ROADXFER_MALLOC")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert keep_freed_memory.__wrapped__() is False  # the user's MALLOC_* variables win
 
