@@ -719,7 +719,8 @@ def train(
                 flag = torch.tensor([int(stop)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop = bool(flag)
-            last = epoch + 1 >= cfg.epochs or bool(cfg.patience and bad >= cfg.patience)
+            early = bool(cfg.patience and bad >= cfg.patience)
+            last = epoch + 1 >= cfg.epochs or early
             # Every epoch's checkpoint cost a demo epoch 7% (about 200 MB written); the last epoch's is never read.
             if lead and not last and (stop or time.monotonic() - saved_at >= cfg.checkpoint_seconds):
                 saved_at = time.monotonic()
@@ -732,7 +733,7 @@ def train(
             if stop and not last:
                 log.warning("SIGTERM: stopped after epoch %d of %d; %s holds it, and the same command resumes from there", epoch + 1, cfg.epochs, ckpt_path)
                 raise Stopped(f"stopped on SIGTERM after epoch {epoch + 1} of {cfg.epochs}; rerun to resume from {ckpt_path}")
-            if cfg.patience and bad >= cfg.patience:
+            if early:
                 log.info("early stop: validation road IoU did not improve for %d epochs", cfg.patience)
                 stopped_early = True
                 break

@@ -11,8 +11,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -307,6 +307,14 @@ def test_checkpoints_are_written_at_most_every_checkpoint_seconds(tiles, tmp_pat
     assert written(0, "every") == [1, 2, 3]
     assert written(3600, "hourly") == []
     assert not (tmp_path / ".every.work").exists() and not (tmp_path / ".hourly.work").exists()  # removed once the package is written
+
+
+def test_early_stop_after_patience_epochs_without_improvement(tiles, tmp_path):
+    """A learning rate too small to move anything: validation IoU stays where it was, so patience 1 stops after epoch 2."""
+    train([tiles["base"]], tmp_path / "m", TrainConfig(**{**FAST, "epochs": 6, "patience": 1, "lr": 1e-12}), classes=ROAD, threads=1)
+    emd = json.loads((tmp_path / "m" / "m.emd").read_text())["roadxfer"]
+    assert (emd["epochs_run"], emd["stopped_early"]) == (2, True)
+    assert not (tmp_path / ".m.work").exists()
 
 
 @pytest.mark.parametrize("processes", [1, 2])
