@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -79,6 +80,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | one_cycle | cosine (lr_factor)
     weight_decay: float = 1e-4
     patience: int = 5
     val_fraction: float = 0.2
@@ -105,6 +107,10 @@ class TrainConfig:
     rehearsal_open: float | None = None  # rehearsal tiles: background the model calls road with P >= this is left out of the loss
     reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: mixed precision (see amp_dtype)
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:  # refused before any data is read
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -256,11 +262,45 @@ def make_optimizer(model: MultiTaskRoadModel, cfg: TrainConfig, *, encoder_train
     rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     if not encoder_trainable:  # the parts of a frozen encoder that train_bn or trainable_stages keep learning
         rest += [p for p in model.encoder.parameters() if p.requires_grad]
-    groups = [{"params": rest, "lr": cfg.lr}]
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
     if encoder_trainable:
         factor = cfg.unfreeze_lr_factor if cfg.freeze else 1.0
-        groups.append({"params": list(model.encoder.parameters()), "lr": cfg.lr * factor})
+        groups.append({"params": list(model.encoder.parameters()), "lr": cfg.lr * factor, "base_lr": cfg.lr * factor})
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+LR_SCHEDULES = ("constant", "one_cycle", "cosine")
+
+
+def lr_factor(schedule: str, step: int, total: int, *, pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4) -> float:
+    """The learning rate at optimiser step ``step`` of ``total``, as a factor of ``training.lr``.
+
+    ``one_cycle`` is fastai's ``fit_one_cycle``, the reference tool's default: a cosine
+    warm-up from lr/``div`` over the first ``pct_start`` of the steps, then a cosine down to
+    lr/(``div`` x ``final_div``). ``cosine`` anneals from lr towards 0. A function of the step
+    alone, so a resumed run, or one whose optimiser is rebuilt when the encoder is
+    unfrozen, needs no scheduler state.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule {schedule!r}: one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant" or total <= 0:
+        return 1.0
+
+    def anneal(start: float, end: float, x: float) -> float:
+        return end + (start - end) * (1 + math.cos(math.pi * min(max(x, 0.0), 1.0))) / 2
+
+    if schedule == "cosine":
+        return anneal(1.0, 0.0, step / total)
+    peak = pct_start * total - 1  # as torch.optim.lr_scheduler.OneCycleLR counts (tested against it)
+    if step <= peak:
+        return anneal(1 / div, 1.0, step / peak) if peak > 0 else 1.0
+    return anneal(1.0, 1 / (div * final_div), (step - peak) / max(total - 1 - peak, 1e-9))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every parameter group at ``factor`` times its own base rate (the encoder's may be lower)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 @torch.no_grad()
@@ -692,7 +732,8 @@ def train(
             loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw)
             model.train()
             total, n = 0.0, 0
-            for batch in loader:
+            for i, batch in enumerate(loader):
+                set_lr(optimizer, lr_factor(cfg.lr_schedule, epoch * len(batches) + i, cfg.epochs * len(batches)))
                 total += train_step(model, optimizer, scaler, batch, dev, cfg, forward=net) * len(batch[0])
                 n += len(batch[0])
             if world > 1:
@@ -703,6 +744,7 @@ def train(
                     dist.broadcast(b, 0)
             metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan"), "val_orient_acc1": float("nan")})}
             metrics["seconds"] = time.perf_counter() - t0
+            metrics["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
             metrics["encoder_frozen"] = frozen_now
             history.append(metrics)
             score = metrics["val_road_iou"] if len(val_idx) else -metrics["train_loss"]

@@ -26,7 +26,7 @@ from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.model import ModelSpec, MultiTaskRoadModel
 from roadxfer.package import load_package, write_package
 from roadxfer.tiles import TileSettings, export_tiles
-from roadxfer.train import TrainConfig, cpu_has_bf16, make_optimizer, train
+from roadxfer.train import TrainConfig, cpu_has_bf16, lr_factor, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
@@ -256,10 +256,11 @@ def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int, **options: An
 
 
 def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
+    """One-cycle learning rate: a resumed run must also pick the schedule up at the right step."""
     epochs = 5
-    subprocess.run(_train_cmd(tiles["base"], tmp_path / "straight", tmp_path / "w1", epochs), check=True)
+    subprocess.run(_train_cmd(tiles["base"], tmp_path / "straight", tmp_path / "w1", epochs, lr_schedule="one_cycle"), check=True)
     ckpt = tmp_path / "w2" / "checkpoint.pt"
-    proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, checkpoint_seconds=0))
+    proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, checkpoint_seconds=0, lr_schedule="one_cycle"))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
@@ -272,7 +273,7 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     done = torch.load(ckpt, weights_only=True)["epoch"] + 1
     assert 1 < done + 1 <= epochs
     # Resumed with the default checkpoint_seconds: how often checkpoints are written is not a setting that voids them.
-    rerun = subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs), check=True, capture_output=True, text=True)
+    rerun = subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, lr_schedule="one_cycle"), check=True, capture_output=True, text=True)
     # It resumed: only the epochs after the checkpoint ran (a fresh start would log epoch 1 again).
     assert f"resuming from {ckpt} after epoch {done}" in rerun.stderr
     assert [int(e) for e in re.findall(rf"epoch (\d+)/{epochs}  train_loss", rerun.stderr)] == list(range(done + 1, epochs + 1))
@@ -280,6 +281,50 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     hist = json.loads((tmp_path / "resumed" / "resumed.emd").read_text())["roadxfer"]["history"]
     assert [h["epoch"] for h in hist] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 40, 400])
+def test_one_cycle_is_torchs_one_cycle_lr(total):
+    """fastai's fit_one_cycle (the reference tool's schedule) as torch implements it, step for step."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=0.3, div_factor=25, final_div_factor=1e4, cycle_momentum=False)
+    for step in range(total):
+        assert lr_factor("one_cycle", step, total) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        opt.step()
+        if step < total - 1:
+            sched.step()
+
+
+def test_cosine_and_constant_schedules():
+    cos = [lr_factor("cosine", step, 50) for step in range(50)]
+    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] > 0  # the last step still learns
+    assert {lr_factor("constant", step, 50) for step in range(50)} == {1.0}
+    with pytest.raises(ValueError, match="lr_schedule 'step': one of constant, one_cycle, cosine"):
+        TrainConfig(lr_schedule="step")
+    schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+    assert tuple(schema["properties"]["training"]["properties"]["lr_schedule"]["enum"]) == ("constant", "one_cycle", "cosine")
+
+
+def test_schedule_sets_every_groups_rate_and_the_package_records_it(tiles, base_package, tmp_path):
+    """With unfreeze_after the encoder's group follows the schedule at its lower rate; metrics keep each epoch's last rate."""
+    cfg = TrainConfig(**{**FAST, "epochs": 3, "lr_schedule": "cosine", "freeze": True, "unfreeze_after": 1, "unfreeze_lr_factor": 0.1})
+    rates: list[list[float]] = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        rates.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        train([tiles["transfer"]], tmp_path / "m", cfg, classes=ROAD, pretrained=base_package, threads=1)
+    total = len(rates)
+    assert total % 3 == 0 and [len(r) for r in rates] == [1] * (total // 3) + [2] * (2 * total // 3)  # encoder group from epoch 2
+    for step, groups in enumerate(rates):
+        f = lr_factor("cosine", step, total)
+        assert groups[0] == pytest.approx(1e-3 * f) and groups[1:] in ([], [pytest.approx(1e-4 * f)])
+    hist = json.loads((tmp_path / "m" / "m.emd").read_text())["roadxfer"]["history"]
+    assert [h["lr"] for h in hist] == pytest.approx([1e-3 * lr_factor("cosine", (e + 1) * total // 3 - 1, total) for e in range(3)])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
