@@ -167,7 +167,7 @@ def build_reference_emd(name: str, spec: ModelSpec, emd: dict[str, Any]) -> dict
         "ImageHeight": tile,
         "ImageWidth": tile,
         "ImageSpaceUsed": "MAP_SPACE",
-        "LearningRate": f"{float(cfg.get('lr', 1e-3)):.4e}",
+        "LearningRate": f"{float(ours.get('lr_found') or cfg.get('lr', 1e-3)):.4e}",  # lr: auto records what it found
         "ModelName": MODEL_NAME,
         "backend": "pytorch",
         "accuracy": str(best.get("val_road_iou", "")),

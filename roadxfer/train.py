@@ -14,6 +14,7 @@ import csv
 import ctypes
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ class TrainConfig:
     backbone: str = "resnet34"
     epochs: int = 30
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # or "auto": the LR range test picks it (find_lr)
     lr_schedule: str = "constant"  # constant | one_cycle | cosine (lr_factor)
     weight_decay: float = 1e-4
     patience: int = 5
@@ -108,9 +109,11 @@ class TrainConfig:
     reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: mixed precision (see amp_dtype)
 
-    def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:  # refused before any data is read
+    def __post_init__(self) -> None:  # refused before any data is read
+        if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
+        if self.lr != "auto" and (isinstance(self.lr, (str, bool)) or not self.lr > 0):
+            raise ValueError(f"lr {self.lr!r}: a positive number or 'auto'")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -301,6 +304,67 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Every parameter group at ``factor`` times its own base rate (the encoder's may be lower)."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
+
+
+def find_lr(model: MultiTaskRoadModel, batches: Iterator[Sequence[torch.Tensor]], dev: torch.device, cfg: TrainConfig, *, encoder_trainable: bool,
+            forward: torch.nn.Module | None = None, start: float = 1e-7, end: float = 10.0, steps: int = 100, beta: float = 0.98) -> tuple[float, list[tuple[float, float]]]:
+    """The LR range test (Smith, "Cyclical learning rates", 2017; fastai's ``lr_find``, which the
+    reference tool runs when ``fit`` is given no learning rate): ``steps`` optimiser steps at
+    rates rising exponentially from ``start`` to ``end``, stopped once the loss diverges.
+
+    Returns the suggestion by fastai's ``valley`` rule (its ``lr_find`` default: within the
+    longest run of falling loss, a point half-way through its middle third; the first tenth
+    and the last 5 steps left out, as fastai does) and the curve as (rate, smoothed loss)
+    pairs. The model's weights, BatchNorm statistics and the global
+    random state are restored afterwards, so the training that follows starts where it
+    would have without the test. With DDP every rank sees the mean loss, so all stop together.
+    """
+    saved, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    optimizer = make_optimizer(model, replace(cfg, lr=start), encoder_trainable=encoder_trainable)
+    scaler = make_scaler(dev, amp_dtype(dev, cfg.precision))
+    model.train()
+    curve: list[tuple[float, float]] = []
+    avg, lowest = 0.0, math.inf
+    try:
+        for step, batch in zip(range(steps), batches):
+            lr = start * (end / start) ** (step / max(steps - 1, 1))
+            set_lr(optimizer, lr / start)
+            loss = train_step(model, optimizer, scaler, batch, dev, cfg, forward=forward)
+            if _distributed():
+                mean = torch.tensor([loss], dtype=torch.float64)
+                dist.all_reduce(mean)
+                loss = float(mean) / dist.get_world_size()
+            if not math.isfinite(loss):
+                break
+            avg = beta * avg + (1 - beta) * loss
+            smooth = avg / (1 - beta ** (step + 1))  # bias-corrected, as fastai
+            curve.append((lr, smooth))
+            if smooth > 4 * lowest:
+                break
+            lowest = min(lowest, smooth)
+    finally:
+        model.load_state_dict(saved)
+        torch.set_rng_state(rng)
+    kept = curve[steps // 10 : -5]
+    if len(kept) < 5:
+        raise RuntimeError(f"the learning-rate range test diverged after {len(curve)} step(s) from {start:g}: set training.lr to a number")
+    return valley([c[0] for c in kept], [c[1] for c in kept]), curve
+
+
+def valley(rates: Sequence[float], losses: Sequence[float]) -> float:
+    """fastai's ``valley`` suggestion: the longest run of falling loss (a longest decreasing
+    subsequence), and the rate half-way through its middle third."""
+    run = [1] * len(losses)
+    first = last = 0
+    for i in range(1, len(losses)):
+        for j in range(i):
+            if losses[i] < losses[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+            if run[last] < run[i]:
+                last = i
+                first = last - run[last]
+    third = (last - first) / 3
+    return float(rates[first + int(third) + int(third / 2)])
 
 
 @torch.no_grad()
@@ -704,13 +768,32 @@ def train(
         else:
             log.warning("%s belongs to other settings or data: starting over", ckpt_path)
     model.freeze_encoder(frozen_now, train_bn=cfg.train_bn, trainable=cfg.trainable_stages)
-    optimizer = make_optimizer(model, cfg, encoder_trainable=not frozen_now)
+    net = _parallel(model, world, dev)
+    lr_found, lr_curve = None, []
+    if cfg.lr == "auto":
+        if start_epoch:  # found before the checkpoint: not searched again
+            lr_found, lr_curve = ckpt["lr_found"], ckpt["lr_curve"]
+        else:
+            def probe() -> Iterator[Sequence[torch.Tensor]]:  # epochs of their own: the training's draws stay as they were
+                for k in itertools.count(1_000_000):
+                    train_set.epoch = k
+                    train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=k)
+                    order = global_batches(len(train_set), cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1000 + k), drop_last=drop_last, rank=rank, world=world)
+                    yield from torch.utils.data.DataLoader(train_set, batch_sampler=order, **loader_kw)
+
+            batches = probe()
+            try:
+                lr_found, lr_curve = find_lr(model, batches, dev, cfg, encoder_trainable=not frozen_now, forward=net)
+            finally:
+                batches.close()  # its loader's workers go now, not at garbage collection
+            log.info("lr auto: %.3g (fastai's valley rule on a range test of %d steps)", lr_found, len(lr_curve))
+    run_cfg = replace(cfg, lr=lr_found) if lr_found is not None else cfg  # the settings training runs with
+    optimizer = make_optimizer(model, run_cfg, encoder_trainable=not frozen_now)
     if start_epoch:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
 
     scaler = make_scaler(dev, precision)
-    net = _parallel(model, world, dev)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("training %s/%s on %s: %d train / %d val tiles, %d trainable parameters, encoder %s", cfg.arch, cfg.backbone, dev, len(train_idx), len(val_idx), n_params, "frozen" if frozen_now else "trainable")
 
@@ -721,7 +804,7 @@ def train(
             if cfg.freeze and cfg.unfreeze_after is not None and frozen_now and epoch >= cfg.unfreeze_after:
                 frozen_now = False
                 model.freeze_encoder(False)
-                optimizer = make_optimizer(model, cfg, encoder_trainable=True)
+                optimizer = make_optimizer(model, run_cfg, encoder_trainable=True)
                 net = _parallel(model, world, dev)  # DDP registers the parameters that need gradients when it is built
                 log.info("epoch %d: encoder unfrozen, lr x%g for it", epoch + 1, cfg.unfreeze_lr_factor)
             t0 = time.perf_counter()
@@ -768,7 +851,8 @@ def train(
                 saved_at = time.monotonic()
                 with atomic_path(ckpt_path) as tmp:
                     torch.save({"digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "best": best,
-                                "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()}}, tmp)
+                                "best_state": best_state, "bad": bad, "frozen": frozen_now, "rng": {"torch": torch.get_rng_state()},
+                                "lr_found": lr_found, "lr_curve": lr_curve}, tmp)
                 log.debug("checkpoint written after epoch %d", epoch + 1)
             if world > 1:
                 dist.barrier()
@@ -790,10 +874,12 @@ def train(
                         "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes[: len(data.sources)], "tiles": len(data) - len(rehearsal_idx), "sha256": data_sha256},
                         "rehearsal": rehearsal_record,
                         "radiometry": radiometry,
-                        "training_config": asdict(cfg), "code_version": code_version(), "roadxfer_version": __version__,
+                        "training_config": asdict(cfg), "lr_found": lr_found, "code_version": code_version(), "roadxfer_version": __version__,
                         "epochs_run": len(history), "stopped_early": stopped_early, "best": best_metrics, "history": history, "device": str(dev), "processes": world,
                         "precision": precision_name(precision)})
     extras = _write_curves(workdir, history)
+    if lr_curve:
+        extras.update(_write_lr_curve(workdir, lr_curve, lr_found))
     write_package(out_package, model, emd, extras=extras, zip_dlpk=cfg.zip_dlpk)
     shutil.rmtree(workdir, ignore_errors=True)
     log.info("wrote %s (best epoch %d, val road IoU %.4f)", out_package, best_metrics["epoch"], best_metrics["val_road_iou"])
@@ -846,6 +932,27 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return __version__
+
+
+def _write_lr_curve(workdir: Path, curve: list[tuple[float, float]], chosen: float) -> dict[str, Path]:
+    """The range test's curve as the reference tool shows ``lr_find``: loss against a log rate."""
+    csv_path = workdir / "lr_find.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["lr", "smoothed_loss"])
+        w.writerows(curve)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([c[0] for c in curve], [c[1] for c in curve])
+    ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen {chosen:.2g}")
+    ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss (smoothed)"), ax.legend()
+    fig.tight_layout()
+    png = workdir / "lr_find.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return {"lr_find.csv": csv_path, "ModelCharacteristics/lr_find.png": png}
 
 
 def _write_curves(workdir: Path, history: list[dict[str, Any]]) -> dict[str, Path]:

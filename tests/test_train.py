@@ -26,7 +26,7 @@ from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.model import ModelSpec, MultiTaskRoadModel
 from roadxfer.package import load_package, write_package
 from roadxfer.tiles import TileSettings, export_tiles
-from roadxfer.train import TrainConfig, cpu_has_bf16, lr_factor, make_optimizer, train
+from roadxfer.train import TrainConfig, cpu_has_bf16, find_lr, lr_factor, make_optimizer, train, valley
 
 ROOT = Path(__file__).resolve().parents[1]
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
@@ -256,11 +256,11 @@ def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int, **options: An
 
 
 def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
-    """One-cycle learning rate: a resumed run must also pick the schedule up at the right step."""
+    """lr auto and one-cycle: a resumed run keeps the rate found before the kill and picks the schedule up at the right step."""
     epochs = 5
-    subprocess.run(_train_cmd(tiles["base"], tmp_path / "straight", tmp_path / "w1", epochs, lr_schedule="one_cycle"), check=True)
+    subprocess.run(_train_cmd(tiles["base"], tmp_path / "straight", tmp_path / "w1", epochs, lr_schedule="one_cycle", lr="auto"), check=True)
     ckpt = tmp_path / "w2" / "checkpoint.pt"
-    proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, checkpoint_seconds=0, lr_schedule="one_cycle"))
+    proc = subprocess.Popen(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, checkpoint_seconds=0, lr_schedule="one_cycle", lr="auto"))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
@@ -273,7 +273,8 @@ def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     done = torch.load(ckpt, weights_only=True)["epoch"] + 1
     assert 1 < done + 1 <= epochs
     # Resumed with the default checkpoint_seconds: how often checkpoints are written is not a setting that voids them.
-    rerun = subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, lr_schedule="one_cycle"), check=True, capture_output=True, text=True)
+    rerun = subprocess.run(_train_cmd(tiles["base"], tmp_path / "resumed", tmp_path / "w2", epochs, lr_schedule="one_cycle", lr="auto"), check=True, capture_output=True, text=True)
+    assert "lr auto:" not in rerun.stderr  # the range test ran before the kill only
     # It resumed: only the epochs after the checkpoint ran (a fresh start would log epoch 1 again).
     assert f"resuming from {ckpt} after epoch {done}" in rerun.stderr
     assert [int(e) for e in re.findall(rf"epoch (\d+)/{epochs}  train_loss", rerun.stderr)] == list(range(done + 1, epochs + 1))
@@ -295,12 +296,53 @@ def test_one_cycle_is_torchs_one_cycle_lr(total):
             sched.step()
 
 
+def test_lr_auto_is_the_range_tests_pick_and_leaves_the_training_as_it_was(tiles, tmp_path):
+    """The range test restores weights, BatchNorm statistics and random state: training with
+    the rate it found gives the same weights as training with that rate given as a number."""
+    auto = tmp_path / "auto"
+    train([tiles["base"]], auto, TrainConfig(**{**FAST, "lr": "auto"}), classes=ROAD, threads=1)
+    ours = json.loads((auto / "auto.emd").read_text())["roadxfer"]
+    found = ours["lr_found"]
+    assert 1e-7 <= found < 1.0 and ours["training_config"]["lr"] == "auto"
+    assert [h["lr"] for h in ours["history"]] == [found, found]
+    rows = (auto / "lr_find.csv").read_text().splitlines()
+    assert rows[0] == "lr,smoothed_loss" and 5 <= len(rows) - 1 <= 100
+    curve = [tuple(map(float, r.split(","))) for r in rows[1:]]
+    assert all(a[0] < b[0] for a, b in zip(curve, curve[1:]))  # rates rise
+    kept = curve[10:-5]  # as fastai: the first tenth and the last 5 steps left out
+    assert found == valley([c[0] for c in kept], [c[1] for c in kept])
+    assert (auto / "ModelCharacteristics" / "lr_find.png").stat().st_size > 0
+    given = tmp_path / "given"
+    train([tiles["base"]], given, TrainConfig(**{**FAST, "lr": found}), classes=ROAD, threads=1)
+    a, b = _state(auto), _state(given)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_valley_is_fastais_suggestion():
+    """Known answers: fastai's valley (Esri's rule) takes the longest falling run and a point
+    half-way through its middle third; a later, shorter dip does not win."""
+    assert valley(list(range(10)), [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]) == 3
+    losses = [5, 6, 5.5, 5, 4, 3, 2, 1, 0.5, 2, 1.9, 1.8, 3]  # the longest fall: index 1 to 8 (8 points); then a shorter dip
+    assert valley([10.0 * i for i in range(len(losses))], losses) == 30.0
+
+
+def test_a_diverging_range_test_says_to_set_the_rate():
+    model, batch, _ = _step_case()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="diverged after [0-4] step.*set training.lr to a number"):
+        find_lr(model, iter([batch] * 10), torch.device("cpu"), TrainConfig(**{**FAST, "precision": "fp32"}), encoder_trainable=True, start=1e3, end=1e6, steps=10)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored all the same
+
+
 def test_cosine_and_constant_schedules():
     cos = [lr_factor("cosine", step, 50) for step in range(50)]
     assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] > 0  # the last step still learns
     assert {lr_factor("constant", step, 50) for step in range(50)} == {1.0}
     with pytest.raises(ValueError, match="lr_schedule 'step': one of constant, one_cycle, cosine"):
         TrainConfig(lr_schedule="step")
+    for bad in ("fast", 0, -1e-3):
+        with pytest.raises(ValueError, match=f"lr {bad!r}: a positive number or 'auto'"):
+            TrainConfig(lr=bad)
     schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
     assert tuple(schema["properties"]["training"]["properties"]["lr_schedule"]["enum"]) == ("constant", "one_cycle", "cosine")
 

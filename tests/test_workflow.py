@@ -86,7 +86,8 @@ def test_small_demo_runs_end_to_end(tmp_path):
     # As the demo: a side network beside the frozen encoder, and a scene of the base domain for retention.
     # A repeat of the transfer model with another training seed: the checks read the mean of the two.
     wf = tiny_workflow(tmp_path, retention=True, extra=(
-        "models: {transfer: {training: {side_channels: 4}}, transfer_r2: {datasets: [transfer], pretrained: base, freeze: true, training: {side_channels: 4, seed: 43}}}\n"
+        "models: {transfer: {training: {side_channels: 4}}, transfer_r2: {datasets: [transfer], pretrained: base, freeze: true, training: {side_channels: 4, seed: 43}},"
+        " scratch: {training: {lr: auto}}}\n"
         "classify: {models: [base, transfer, scratch, transfer_r2]}\n"
         "evaluation: {replicates: {transfer: [transfer_r2]}}\n"))
     out = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wf)
@@ -160,6 +161,9 @@ def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
     report = (wf / "results/report/report.html").read_text()
     assert "imported: esri_mtre_linknet34.emd" in report and "Did the transfer work?" in report
     assert "imported the reference model" in (wf / "logs/models/transfer.log").read_text()
+    scratch = json.loads((wf / "results/models/scratch/scratch.emd").read_text())["roadxfer"]  # lr: auto through the workflow
+    assert scratch["training_config"]["lr"] == "auto" and 1e-7 <= scratch["lr_found"] < 10
+    assert (wf / "results/models/scratch/ModelCharacteristics/lr_find.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -168,6 +172,7 @@ def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
         ("trainin: {epochs: 3}\n", "Additional properties are not allowed ('trainin' was unexpected)"),
         ("models: {transfer: {training: {epoch: 3}}}\n", "models.transfer.training: Additional properties are not allowed ('epoch' was unexpected)"),
         ("models: {transfer: {training: {lr: -1}}}\n", "models.transfer.training.lr: -1 is less than or equal to the minimum of 0"),
+        ("models: {transfer: {training: {lr: fast}}}\n", "models.transfer.training.lr: 'fast' does not match '^auto$'"),
         ("classify: {overlap: 64}\n", "classify.overlap 64 is not smaller than the tile size 64"),
         ("classify: {overlap: 16, margin: 8}\n", "classify.margin 8 is not below half the overlap 16"),
         ("models: {scratch: {freeze: true}}\n", "models.scratch sets freeze: true but has no pretrained model"),
