@@ -325,6 +325,7 @@ def find_lr(model: MultiTaskRoadModel, batches: Iterator[Sequence[torch.Tensor]]
     model.train()
     curve: list[tuple[float, float]] = []
     avg, lowest = 0.0, math.inf
+    log.info("lr auto: range test of up to %d steps, rate %g to %g", steps, start, end)
     try:
         for step, batch in zip(range(steps), batches):
             lr = start * (end / start) ** (step / max(steps - 1, 1))
@@ -339,6 +340,8 @@ def find_lr(model: MultiTaskRoadModel, batches: Iterator[Sequence[torch.Tensor]]
             avg = beta * avg + (1 - beta) * loss
             smooth = avg / (1 - beta ** (step + 1))  # bias-corrected, as fastai
             curve.append((lr, smooth))
+            if (step + 1) % 20 == 0:
+                log.info("lr auto: step %d/%d  rate %.2g  loss %.4f", step + 1, steps, lr, smooth)
             if smooth > 4 * lowest:
                 break
             lowest = min(lowest, smooth)

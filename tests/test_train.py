@@ -730,3 +730,11 @@ def test_two_processes_train_end_to_end(tiles, tmp_path):
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=0.02)
     with pytest.raises(InputError, match="divisible"):
         train([tiles["base"]], tmp_path / "three", TrainConfig(**{**FAST, "batch_size": 3}), classes=ROAD, processes=2)
+
+
+def test_two_processes_run_one_range_test(tiles, tmp_path):
+    """lr: auto under DDP: each step's loss is averaged over the ranks, so they stop the test at the
+    same step and train with the same rate (a rank that stopped alone would leave the other waiting)."""
+    train([tiles["base"]], tmp_path / "two", TrainConfig(**{**FAST, "epochs": 1, "lr": "auto"}), classes=ROAD, threads=2, processes=2)
+    emd = json.loads((tmp_path / "two" / "two.emd").read_text())["roadxfer"]
+    assert emd["processes"] == 2 and 1e-7 <= emd["lr_found"] < 10 and emd["history"][0]["lr"] == emd["lr_found"]
