@@ -122,6 +122,9 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert "retention (paved)" in report and "within 0.03" in report  # the per-scene table
     assert "Before and after: the base domain" in report and "r1 side by side" in report
     assert {line.split(",")[0] for line in (wf / "results/evaluation/retention.csv").read_text().splitlines()[1:]} == {"base", "transfer", "scratch", "transfer_r2"}
+    scratch = json.loads((wf / "results/models/scratch/scratch.emd").read_text())["roadxfer"]  # lr: auto through the workflow
+    assert scratch["training_config"]["lr"] == "auto" and 1e-7 <= scratch["lr_found"] < 10
+    assert (wf / "results/models/scratch/ModelCharacteristics/lr_find.png").is_file()
     # Snakemake's own report holds our results beside its provenance.
     rep = smk("--configfile", "cfg.yaml", "--report", "report.zip", cwd=wf)
     assert rep.returncode == 0, rep.stderr[-3000:]
@@ -161,9 +164,6 @@ def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
     report = (wf / "results/report/report.html").read_text()
     assert "imported: esri_mtre_linknet34.emd" in report and "Did the transfer work?" in report
     assert "imported the reference model" in (wf / "logs/models/transfer.log").read_text()
-    scratch = json.loads((wf / "results/models/scratch/scratch.emd").read_text())["roadxfer"]  # lr: auto through the workflow
-    assert scratch["training_config"]["lr"] == "auto" and 1e-7 <= scratch["lr_found"] < 10
-    assert (wf / "results/models/scratch/ModelCharacteristics/lr_find.png").is_file()
 
 
 @pytest.mark.parametrize(
