@@ -505,6 +505,13 @@ def training_processes(gpus: Any) -> int:
     return max(1, min(wanted, torch.cuda.device_count()))
 
 
+def process_group_backend(cuda: bool) -> str:
+    """NCCL for the GPUs' tensors and gloo for the CPU's: the per-epoch loss sums, the SIGTERM
+    flag and the range test's loss are small CPU tensors, which NCCL alone refuses ("No
+    backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -524,7 +531,7 @@ def _worker(rank: int, world: int, port: int, kwargs: dict[str, Any], log_files:
     handlers: list[logging.Handler] = [logging.FileHandler(f, mode="a") for f in log_files] or [logging.StreamHandler()]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt, handlers=handlers, force=True)
     cuda = kwargs.get("device") != "cpu" and torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    dist.init_process_group(process_group_backend(cuda), rank=rank, world_size=world)
     try:
         if cuda:
             torch.cuda.set_device(rank)

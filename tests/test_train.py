@@ -732,6 +732,15 @@ def test_two_processes_train_end_to_end(tiles, tmp_path):
         train([tiles["base"]], tmp_path / "three", TrainConfig(**{**FAST, "batch_size": 3}), classes=ROAD, processes=2)
 
 
+def test_gpu_process_groups_reduce_cpu_tensors_with_gloo():
+    """The epoch's loss sums and the stop flag are CPU tensors: on GPUs the group needs gloo for
+    them beside NCCL (NCCL alone fails them at the end of the first epoch). No GPU here to run it."""
+    from roadxfer.train import process_group_backend
+
+    assert dict(pair.split(":") for pair in process_group_backend(True).split(",")) == {"cpu": "gloo", "cuda": "nccl"}
+    assert process_group_backend(False) == "gloo"
+
+
 def test_two_processes_run_one_range_test(tiles, tmp_path):
     """lr: auto under DDP: each step's loss is averaged over the ranks, so they stop the test at the
     same step and train with the same rate (a rank that stopped alone would leave the other waiting)."""
