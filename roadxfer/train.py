@@ -779,6 +779,14 @@ def train(
             log.warning("%s belongs to other settings or data: starting over", ckpt_path)
     model.freeze_encoder(frozen_now, train_bn=cfg.train_bn, trainable=cfg.trainable_stages)
     net = _parallel(model, world, dev)
+    def epoch_loader(epoch: int) -> tuple[list[list[int]], torch.utils.data.DataLoader]:
+        """The epoch's batches (this rank's share) and their loader: tiles, rehearsal draw, order and augmentation seeded by the epoch."""
+        train_set.epoch = epoch
+        train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        batches = global_batches(len(train_set), cfg.batch_size, gen, drop_last=drop_last, rank=rank, world=world)
+        return batches, torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw)
+
     lr_found, lr_curve = None, []
     if cfg.lr == "auto":
         if start_epoch:  # found before the checkpoint: not searched again
@@ -786,10 +794,7 @@ def train(
         else:
             def probe() -> Iterator[Sequence[torch.Tensor]]:  # epochs of their own: the training's draws stay as they were
                 for k in itertools.count(1_000_000):
-                    train_set.epoch = k
-                    train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=k)
-                    order = global_batches(len(train_set), cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1000 + k), drop_last=drop_last, rank=rank, world=world)
-                    yield from torch.utils.data.DataLoader(train_set, batch_sampler=order, **loader_kw)
+                    yield from epoch_loader(k)[1]
 
             batches = probe()
             try:
@@ -818,11 +823,7 @@ def train(
                 net = _parallel(model, world, dev)  # DDP registers the parameters that need gradients when it is built
                 log.info("epoch %d: encoder unfrozen, lr x%g for it", epoch + 1, cfg.unfreeze_lr_factor)
             t0 = time.perf_counter()
-            train_set.epoch = epoch
-            train_set.indexes = epoch_indexes(train_idx, rehearsal_idx, cfg.rehearsal_fraction, seed=cfg.seed, epoch=epoch)
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            batches = global_batches(len(train_set), cfg.batch_size, gen, drop_last=drop_last, rank=rank, world=world)
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw)
+            batches, loader = epoch_loader(epoch)
             model.train()
             total, n = 0.0, 0
             for i, batch in enumerate(loader):
