@@ -779,6 +779,7 @@ def train(
             log.warning("%s belongs to other settings or data: starting over", ckpt_path)
     model.freeze_encoder(frozen_now, train_bn=cfg.train_bn, trainable=cfg.trainable_stages)
     net = _parallel(model, world, dev)
+
     def epoch_loader(epoch: int) -> tuple[list[list[int]], torch.utils.data.DataLoader]:
         """The epoch's batches (this rank's share) and their loader: tiles, rehearsal draw, order and augmentation seeded by the epoch."""
         train_set.epoch = epoch
