@@ -160,7 +160,8 @@ def render_scene(seed: int, size: int = 1024, kind: str = "mixed", *, landscape:
     ``landscape`` (one of :data:`LANDSCAPES`) and ``cell`` (metres) vary the look and the
     scale for a pretraining corpus; the defaults give the demo's desert scenes at 0.3 m.
     ``lanes`` adds that many narrow paved lanes (2-4.5 m, no markings, often faint) to a
-    mixed scene: paved roads as thin as unpaved ones (README, "The shipped pretrained model").
+    mixed scene: paved roads as thin as unpaved ones (a pretraining change tried and dropped:
+    docs/experiments.md, "The shipped pretrained model: why U-Net, and pretraining changes tried").
     """
     if kind not in ("mixed", "rural"):
         raise ValueError(f"unknown demo scene kind {kind!r}: use 'mixed' or 'rural'")
