@@ -41,9 +41,17 @@ def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:
                 raise InputError(source, f"models.{name}.package {model['package']!r} does not exist", "give the path of a package folder, .emd or .dlpk")
             continue  # brought as it is: nothing to train
         pretrained = model.get("pretrained")
-        if model.get("freeze") and not pretrained and not merged.get("encoder_checkpoint"):
-            raise InputError(source, f"models.{name} sets freeze: true but has no pretrained model or training.encoder_checkpoint, so a random encoder would be frozen",
-                             f"give models.{name}.pretrained (a model of this list or a package path) or set freeze: false")
+        if model.get("freeze") and not pretrained and not merged.get("encoder_checkpoint") and not merged.get("encoder_weights"):
+            raise InputError(source, f"models.{name} sets freeze: true but has no pretrained model, training.encoder_weights or encoder_checkpoint, so a random encoder would be frozen",
+                             f"give models.{name}.pretrained (a model of this list or a package path), set training.encoder_weights: imagenet, or set freeze: false")
+        if merged.get("encoder_weights") and merged.get("encoder_checkpoint"):
+            raise InputError(source, f"models.{name}: training.encoder_weights and training.encoder_checkpoint are both set", "choose one source of encoder weights")
+        if merged.get("encoder_weights") == "imagenet" and not pretrained:
+            from .imagenet import SOURCES  # no torch import: the table only
+
+            if merged.get("backbone") not in SOURCES or merged.get("arch") == "linknet34_mtl":
+                raise InputError(source, f"models.{name}: training.encoder_weights imagenet has no packaged weights for backbone {merged.get('backbone')!r} (arch {merged.get('arch')})",
+                                 f"use arch linknet or unet with backbone {', '.join(SOURCES)}, or training.encoder_checkpoint with weights you staged")
         if merged.get("keep_pretrained") and not pretrained:
             raise InputError(source, f"models.{name} sets training.keep_pretrained but has no pretrained model", f"give models.{name}.pretrained or set keep_pretrained: false")
         unfreeze = merged.get("unfreeze_after")

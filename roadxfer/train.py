@@ -39,6 +39,7 @@ from . import IGNORE_VALUE, PRECISIONS, UNLABELLED_VALUE, __version__
 from .atomic import atomic_path
 from .data import Augment, TileData, TrainSet, load_tiles, split
 from .errors import InputError
+from .imagenet import imagenet_input_scaling, load_imagenet_encoder
 from .model import REFERENCE_ARCH, ModelSpec, MultiTaskRoadModel, build_model, load_encoder_checkpoint, raw_pixel_scaling, undirected_log_probs
 from .orientation import n_bins, target_lut
 from .package import build_emd, check_compatible, load_package, write_package
@@ -97,6 +98,7 @@ class TrainConfig:
     trainable_stages: tuple[str, ...] = ()  # frozen encoder: these stages (e.g. conv1, bn1, layer1) still learn
     side_channels: int = 0  # a trainable side network beside the encoder (model.SideNetwork); 0: none
     encoder_checkpoint: str | None = None
+    encoder_weights: str | None = None  # "imagenet": the backbone's packaged ImageNet-1k weights (roadxfer.imagenet)
     orientation_bin_size: int = 10
     augment: dict[str, Any] = field(default_factory=lambda: {"flips": True, "rot90": True, "color_jitter": 0.1})
     zip_dlpk: bool = False
@@ -114,6 +116,10 @@ class TrainConfig:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
         if self.lr != "auto" and (isinstance(self.lr, (str, bool)) or not self.lr > 0):
             raise ValueError(f"lr {self.lr!r}: a positive number or 'auto'")
+        if self.encoder_weights not in (None, "imagenet"):
+            raise ValueError(f"encoder_weights {self.encoder_weights!r}: null or 'imagenet'")
+        if self.encoder_weights and self.encoder_checkpoint:
+            raise ValueError("encoder_weights and encoder_checkpoint both set: choose one source of encoder weights")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -696,7 +702,7 @@ def train(
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(spec)
-    parent = None
+    parent, encoder_init = None, None
     if pkg is not None:
         reset = check_compatible(pkg, spec=spec, classes=list(classes), bands=data.bands, tile_size=data.tile_size, source=data.sources[0])
         state = pkg.model.state_dict()
@@ -725,11 +731,19 @@ def train(
         if pkg.reference_emd is not None:
             parent["reference_emd"] = pkg.reference_emd
         log.info("starting from pretrained package %s (sha256 %s…)", pkg.path, pkg.weights_sha256[:12])
+        encoder_init = (pkg.emd.get("roadxfer") or {}).get("encoder_init")  # the lineage: where the parent's encoder started
     else:
+        mean, std = raw_pixel_scaling(data.bands) if spec.raw_input else data.band_stats()
         if cfg.encoder_checkpoint:
             load_encoder_checkpoint(model, cfg.encoder_checkpoint)
-        mean, std = raw_pixel_scaling(data.bands) if spec.raw_input else data.band_stats()
-    if cfg.freeze and not pretrained and not cfg.encoder_checkpoint:
+            encoder_init = {"source": "checkpoint", "file": str(cfg.encoder_checkpoint)}
+        elif cfg.encoder_weights == "imagenet":
+            if spec.arch == REFERENCE_ARCH:
+                raise InputError(None, f"training.encoder_weights: imagenet has no packaged weights for {REFERENCE_ARCH}'s ResNet-34",
+                                 "use arch linknet or unet with a timm-tf_efficientnet_lite0/1/2 backbone, or encoder_checkpoint with staged ResNet-34 weights")
+            encoder_init = load_imagenet_encoder(model, spec.backbone)
+            mean, std = imagenet_input_scaling(data.bands)  # the scaling the weights were trained with
+    if cfg.freeze and not pretrained and not cfg.encoder_checkpoint and not cfg.encoder_weights:
         log.warning("freeze is set but there is no pretrained model or encoder checkpoint: the encoder stays random")
     model.to(dev)
     if channels_last(dev):
@@ -883,7 +897,7 @@ def train(
     bin_size = 360 // spec.orientation_bins if spec.reference_layout else cfg.orientation_bin_size
     emd = build_emd(Path(out_package).name, spec, tile_size=data.tile_size, classes=list(classes), bin_size=bin_size, mean=mean, std=std,
                     cell_size=data.cell_size, provenance={
-                        "parent": parent, "training_data": {"sources": data.sources, "scenes": data.scenes[: len(data.sources)], "tiles": len(data) - len(rehearsal_idx), "sha256": data_sha256},
+                        "parent": parent, "encoder_init": encoder_init, "training_data": {"sources": data.sources, "scenes": data.scenes[: len(data.sources)], "tiles": len(data) - len(rehearsal_idx), "sha256": data_sha256},
                         "rehearsal": rehearsal_record,
                         "radiometry": radiometry,
                         "training_config": asdict(cfg), "lr_found": lr_found, "code_version": code_version(), "roadxfer_version": __version__,
