@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .errors import InputError
@@ -98,15 +99,66 @@ def disk_full_error(exc: BaseException, where: Path, name: Path | None = None) -
                       f"free at least {need_mb} MB on {mount}, or point the outputs (or TMPDIR, for scratch files) at a disk with room, then run again")
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to write instead of ``target``; move it into place on success.
+# A folder output carries this file: how a later run knows the folder is a previous output
+# of the same step (and may be replaced), not a user's folder that happens to be named so.
+MARKER = ".roadxfer-output.json"
 
-    With ``directory=True`` the temporary is created as an empty folder. An existing
-    ``target`` is replaced only once the new output is complete. Temporaries of the same
-    target left by a killed job are removed first.
+
+def output_kind(folder: Path) -> str | None:
+    """The step that wrote ``folder`` (its marker), or None."""
+    try:
+        return json.loads((folder / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_replaceable(target: str | Path, *, directory: bool, kind: str | None = None) -> None:
+    """Refuse an output path that would replace something that is not a previous output of this step.
+
+    A folder output may replace an empty folder or one that this step wrote before (its
+    marker says so); never a user's folder, whatever it holds, nor a file. A file output
+    may not replace a folder.
     """
     target = Path(target)
+    if target.is_symlink() or not target.exists():
+        return
+    if directory:
+        if not target.is_dir():
+            raise InputError(target, f"is an existing file, not a folder the {kind or 'output'} can be written to", "give a new folder name for the output")
+        if any(target.iterdir()) and output_kind(target) != kind:
+            raise InputError(target, f"exists and is not a previous {kind or 'output'} folder written by roadxfer: it is left as it is",
+                             "give a new (or empty) folder for the output; remove the folder yourself if you do mean to replace it")
+    elif target.is_dir():
+        raise InputError(target, "is an existing folder, not a file the output can be written to", "give a file name for the output")
+
+
+def refuse_overlap(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse an output that is, or contains, an input (named by the option or argument each one came from)."""
+    ins = {name: Path(p).resolve() for name, p in inputs.items() if p is not None}
+    for oname, out in outputs.items():
+        if out is None:
+            continue
+        o = Path(out).resolve()
+        for iname, i in ins.items():
+            same = o == i or (o.exists() and i.exists() and os.path.samefile(o, i))
+            if same or o in i.parents:
+                what = "is" if same else "contains"
+                raise InputError(out, f"the output {oname} {what} the input {iname} ({inputs[iname]}): writing it would destroy the input",
+                                 f"give {oname} a path outside the inputs")
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, *, directory: bool = False, kind: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write instead of ``target``; move it into place on success.
+
+    With ``directory=True`` the temporary is created as an empty folder and ``kind`` names
+    the step: the folder gets a marker, and an existing ``target`` is replaced only when it
+    is empty or a previous output of the same kind (:func:`check_replaceable`, checked
+    before anything is written and again at the end), and only once the new output is
+    complete. Temporaries of the same target left by a killed job are removed first.
+    """
+    target = Path(target)
+    check_replaceable(target, directory=directory, kind=kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target.parent, f".{target.stem}.tmp-*{target.suffix}")
     tmp = _tmp_name(target)
@@ -116,6 +168,9 @@ def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{tmp}: nothing was written for {target}")
+        check_replaceable(target, directory=directory, kind=kind)
+        if directory:
+            (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
         if target.is_dir() and not target.is_symlink():
             old = _tmp_name(target)
             target.rename(old)

@@ -37,6 +37,7 @@ from skimage.morphology import skeletonize
 from . import IGNORE_VALUE
 from .atomic import atomic_path
 from .raster import cell_size_metres, padded_blocks
+from .vectors import local_utm
 from .roadmask import MaskSettings, MaskStats, clean_mask
 from .styles import add_gpkg_style, centreline_qml, complete_classes
 
@@ -505,7 +506,7 @@ def centrelines_from_raster(
                 geo = shapely.transform(line, lambda xy: np.stack(transform * (xy[:, 0], xy[:, 1]), 1))
                 records.append({"class_value": value, "class_name": name, "geometry": geo.simplify(vs.simplify if vs.simplify is not None else cell)})
     gdf = gpd.GeoDataFrame(records, geometry="geometry", crs=crs) if records else gpd.GeoDataFrame({"class_value": [], "class_name": []}, geometry=[], crs=crs)
-    metric = gdf.to_crs(gdf.estimate_utm_crs()) if (crs is not None and crs.is_geographic and len(gdf)) else gdf
+    metric = gdf.to_crs(local_utm(gdf)) if (crs is not None and crs.is_geographic and len(gdf)) else gdf
     gdf["length_m"] = metric.length.to_numpy() * (1.0 if crs is None or crs.is_geographic else float(crs.linear_units_factor[1]))
     if probability is not None:
         gdf["mean_probability"], gdf["min_probability"] = line_probabilities(gdf.geometry, probability, probability_scale, step=cell)

@@ -425,8 +425,8 @@ def classify_scene(
                             d = np.full(probs.shape[1:], IGNORE_VALUE, np.uint8)
                         write(dir_dst.write, d, 1, window=Window(0, y - r_off, width, d.shape[0]))
                     road = 1 - probs[0]
-                    if settings.threshold is not None and n_out == 2:
-                        idx = (road >= settings.threshold).to(torch.uint8)
+                    if settings.threshold is not None:  # road where P(any road) >= threshold; which road class: the most probable
+                        idx = torch.where(road >= settings.threshold, 1 + argmax0(probs[1:len(values)]), 0).to(torch.uint8)
                     else:
                         idx = argmax0(probs)
                     cls = values[idx.cpu().numpy()]

@@ -20,19 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import PRECISIONS
+from .atomic import refuse_overlap
 from .errors import InputError
 
 
 def _numbers(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers") from exc
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give finite numbers")
+    return values
 
 
 def _bands(text: str) -> list[int]:
@@ -40,6 +45,35 @@ def _bands(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: give 1-based band numbers such as 3,2,1") from exc
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False, multiple: int | None = None):
+    """An argparse type: a finite number within bounds (NaN and infinity refused: no option means them)."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from exc
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'above' if low_open else 'at least'} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text}: must be at most {high}")
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"{text}: must be a multiple of {multiple}")
+        return value
+
+    return parse
+
+
+def _outdir(path: str) -> Path:
+    """OUTDIR: a folder (made when missing), never an existing file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "is an existing file, not a folder for the outputs", "give a folder name")
+    return out
 
 
 def _image_kwargs(a: argparse.Namespace) -> dict:
@@ -55,7 +89,9 @@ def _rescale(a: argparse.Namespace) -> dict | None:
 def _labels(a: argparse.Namespace) -> dict:
     from .labels import LabelSettings, rasterize_scene
 
-    out = Path(a.outdir)
+    out = _outdir(a.outdir)
+    refuse_overlap({"OUTDIR/label.tif": out / "label.tif", "OUTDIR/orientation.tif": out / "orientation.tif", "OUTDIR/summary.json": out / "summary.json"},
+                   {"IMAGE": a.image, "LINES": a.lines})
     settings = LabelSettings(buffer_radius=a.buffer, class_field=a.class_field, class_value=a.class_value, orientation_bin_size=a.orientation_bin_size)
     return rasterize_scene(a.image, a.lines, out / "label.tif", out / "orientation.tif", out / "summary.json", settings, layer=a.layer, where=a.where,
                            image_kwargs=_image_kwargs(a))
@@ -66,6 +102,7 @@ def _export(a: argparse.Namespace) -> dict:
     from .tiles import TileSettings, export_tiles
 
     labels = Path(a.labeldir)
+    refuse_overlap({"OUTDIR": a.outdir}, {"IMAGE": a.image, "LABELDIR/label.tif": labels / "label.tif", "LABELDIR/orientation.tif": labels / "orientation.tif"})
     settings = TileSettings(tile_size=a.tile_size, stride=a.stride, keep=a.keep, label_nodata=a.label_nodata, chip_format=a.chip_format,
                             classes=({"value": 1, "name": a.class_name, "color": [255, 0, 0]},))
     stats = export_tiles(a.image, labels / "label.tif", labels / "orientation.tif", a.outdir, settings, scene_id=Path(a.image).stem,
@@ -76,7 +113,8 @@ def _export(a: argparse.Namespace) -> dict:
 def _classify(a: argparse.Namespace) -> dict:
     from .classify import ClassifySettings, classify_scene
 
-    out = Path(a.outdir)
+    out = _outdir(a.outdir)
+    refuse_overlap({f"OUTDIR/{n}": out / n for n in ("classes.tif", "probability.tif", "direction.tif", "centrelines.gpkg")}, {"IMAGE": a.image, "MODEL": a.model})
     settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device, precision=a.precision,
                                 bands=tuple(a.bands) if a.bands else None, rescale=_rescale(a), resample=a.resample)
     return classify_scene(a.image, a.model, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
@@ -96,6 +134,9 @@ def _evaluate(a: argparse.Namespace) -> dict:
 
     folder = Path(a.classified)
     lines = folder / "centrelines.gpkg"
+    refuse_overlap({"OUT": a.out}, {"IMAGE": a.image, "CLASSIFIEDDIR/classes.tif": folder / "classes.tif", "CLASSIFIEDDIR/centrelines.gpkg": lines, "LINES": a.lines})
+    if Path(a.out).is_dir():
+        raise InputError(a.out, "is a folder, not the metrics JSON file to write", "give a file name such as metrics.json")
     settings = EvalSettings(buffer_radius=a.buffer, road_type_field=a.road_type_field, ignore_windows=a.ignore or ())
     result = evaluate_scene(a.image, folder / "classes.tif", lines if lines.is_file() else None, a.lines, a.out, settings,
                             scene_id=Path(a.image).stem, model=folder.name, layer=a.layer, where=a.where, image_kwargs=_image_kwargs(a))
@@ -105,7 +146,7 @@ def _evaluate(a: argparse.Namespace) -> dict:
 def _share(a: argparse.Namespace) -> dict:
     from .package import load_package, share_package
 
-    out = share_package(a.model, a.out, half=not a.float32)
+    out = share_package(a.model, _outdir(a.out), half=not a.float32)
     pkg = load_package(out)
     return {"package": str(out), "weights_sha256": pkg.weights_sha256, "bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())}
 
@@ -116,16 +157,17 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("labels", help="step 1: burn buffered lines into label and orientation rasters on the image's grid")
     p.add_argument("image"), p.add_argument("lines"), p.add_argument("outdir")
-    p.add_argument("--buffer", type=float, default=2.0, help="buffer radius in the lines' linear units (metres for geographic lines); default 2")
+    p.add_argument("--buffer", type=_number(float, 0, low_open=True), default=2.0, help="buffer radius in the lines' linear units (metres for geographic lines); default 2")
     p.add_argument("--class-field", default="Classvalue", help="integer field with class values (default Classvalue)")
-    p.add_argument("--class-value", type=int, default=None, help="one class value for every line instead of --class-field")
+    p.add_argument("--class-value", type=_number(int, 1, 254), default=None, help="one class value for every line instead of --class-field")
     p.add_argument("--layer", default=None), p.add_argument("--where", default=None, help="OGR SQL WHERE clause selecting the lines")
-    p.add_argument("--orientation-bin-size", type=int, default=10)
+    p.add_argument("--orientation-bin-size", type=int, choices=[5, 6, 9, 10, 15, 18, 30, 45, 90], default=10, help="degrees per direction bin over 0-180 (divides 90); default 10")
     p.set_defaults(run=_labels)
 
     p = sub.add_parser("export", help="step 2: cut the image and labels into classified tiles (the reference tool's layout)")
     p.add_argument("image"), p.add_argument("labeldir", help="folder written by `labels`"), p.add_argument("outdir")
-    p.add_argument("--tile-size", type=int, default=256), p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--tile-size", type=_number(int, 32, multiple=32), default=256, help="chip size in pixels, a multiple of 32; default 256")
+    p.add_argument("--stride", type=_number(int, 1), default=128, help="pixels between chip origins; default 128")
     p.add_argument("--keep", choices=["features", "all"], default="features")
     p.add_argument("--label-nodata", type=int, choices=[255, 0], default=255, help="0 for tiles meant for the reference tool")
     p.add_argument("--chip-format", choices=["tif", "png"], default="tif"), p.add_argument("--class-name", default="road")
@@ -133,18 +175,21 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="step 4: classify a whole scene (class, probability and road direction COGs, centrelines)")
     p.add_argument("image"), p.add_argument("model", help="package folder, .emd or .dlpk"), p.add_argument("outdir")
-    p.add_argument("--threshold", type=float, default=None), p.add_argument("--tta", action="store_true")
-    p.add_argument("--tile-size", type=int, default=None), p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threshold", type=_number(float, 0, 1), default=None, help="road where P(road) >= this (0-1); default: the most probable class")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--tile-size", type=_number(int, 32, multiple=32), default=None, help="tile size in pixels, a multiple of 32; default: the model's")
+    p.add_argument("--batch-size", type=_number(int, 1), default=8)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="mixed precision (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=_number(int, 1), default=1)
     p.add_argument("--resample", choices=["auto", "always", "off"], default="auto",
                    help="auto: classify on the model's cell size when the scene's differs by >10%% (outputs on the scene's grid); off: as is")
     p.set_defaults(run=_classify)
 
     p = sub.add_parser("evaluate", help="step 5: pixel metrics and APLS of a classified scene against reference lines")
     p.add_argument("image"), p.add_argument("classified", help="folder written by `classify`"), p.add_argument("lines"), p.add_argument("out", help="metrics JSON to write")
-    p.add_argument("--buffer", type=float, default=2.0), p.add_argument("--road-type-field", default=None)
+    p.add_argument("--buffer", type=_number(float, 0, low_open=True), default=2.0, help="buffer radius of the reference lines; default 2")
+    p.add_argument("--road-type-field", default=None)
     p.add_argument("--layer", default=None), p.add_argument("--where", default=None)
     p.add_argument("--ignore", type=_window, nargs="*", help="windows ROW,COL,HEIGHT,WIDTH left out (e.g. a burned-in logo)")
     p.set_defaults(run=_evaluate)
@@ -157,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--percentiles", type=_numbers, default=[2.0, 98.0], help="with percentile: LOW,HIGH (default 2,98)")
             p.add_argument("--low", type=_numbers, default=None, help="with fixed: raw values mapped to 0 (one, or one per band)")
             p.add_argument("--high", type=_numbers, default=None, help="with fixed: raw values mapped to 255")
-            p.add_argument("--max-clipped", type=float, default=0.5, help="refuse a rescale clipping more than this share of pixels (default 0.5)")
+            p.add_argument("--max-clipped", type=_number(float, 0, 1), default=0.5, help="refuse a rescale clipping more than this share of pixels (default 0.5)")
 
     p = sub.add_parser("share", help="copy a trained package as one to share: float16 weights (half the size), checksummed")
     p.add_argument("model", help="roadxfer package folder or .emd"), p.add_argument("out", help="package folder to write")

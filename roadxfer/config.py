@@ -7,6 +7,7 @@ settings each model trains with), and rules across fields, each with the fix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,35 @@ ROLES = ("base", "transfer", "test", "predict", "retention")
 
 def _schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA.read_text())
+
+
+MAX_CONFIG_VALUES = 100_000  # a workflow config holds a few hundred; the demo's pretraining sheet, a few thousand
+
+
+def check_plain(config: Any, *, source: str = "config") -> None:
+    """Run before the schema: refuse what would hang or mislead validation.
+
+    YAML anchors and aliases let a few hundred bytes stand for billions of values (an
+    "alias bomb"; validation walks them all), so a mapping or list met twice is refused,
+    as is a config of more than ``MAX_CONFIG_VALUES`` values. NaN and infinity pass JSON
+    schema bounds (every comparison with NaN is false), so they are refused here, by key.
+    """
+    seen: set[int] = set()
+    count = 0
+    stack: list[tuple[str, Any]] = [("", config)]
+    while stack:
+        where, value = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise InputError(source, f"holds more than {MAX_CONFIG_VALUES} values", "a workflow config is far smaller: check the files given with --configfile")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(source, f"{where or 'the config'} is {value}", "give a finite number (NaN and infinity mean no setting)")
+        if isinstance(value, (dict, list)):
+            if id(value) in seen:
+                raise InputError(source, f"{where} repeats another part of the config (a YAML anchor and alias)", "write the values out instead of using YAML aliases (*name)")
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in items)
 
 
 def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:

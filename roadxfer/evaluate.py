@@ -37,7 +37,7 @@ from .atomic import atomic_path
 from .labels import buffer_in_crs
 from .errors import InputError
 from .raster import ImageInfo, image_info, padded_blocks, read_window
-from .vectors import LINE_TYPES, read_vectors
+from .vectors import LINE_TYPES, local_utm, read_vectors
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def evaluate_scene(
                         scene_id, len(ref.lines), labels, image)
         crs = ref_lines.crs
         if crs is not None and crs.is_geographic:
-            utm = ref_lines.estimate_utm_crs()
+            utm = local_utm(ref_lines)
             ref_lines, prop = ref_lines.to_crs(utm), prop.to_crs(utm)
         result["apls"] = apls(list(ref_lines.geometry), list(prop.to_crs(ref_lines.crs).geometry) if len(prop) else [], spacing=settings.apls_spacing,
                               snap=settings.apls_snap, max_pairs=settings.apls_max_pairs)

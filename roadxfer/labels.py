@@ -32,7 +32,7 @@ from .atomic import atomic_path
 from .errors import InputError
 from .orientation import angle_bin
 from .raster import GTIFF_PROFILE, block_windows, check_written, image_info, read_window
-from .vectors import LINE_TYPES, class_values, read_vectors
+from .vectors import LINE_TYPES, class_values, local_utm, read_vectors
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def buffer_in_crs(gdf: gpd.GeoDataFrame, radius: float, target_crs: Any) -> gpd.
         return geoms.to_crs(target_crs)
     work_crs = geoms.crs
     if work_crs.is_geographic:
-        work_crs = geoms.estimate_utm_crs()
+        work_crs = local_utm(geoms)
         geoms = geoms.to_crs(work_crs)
     buffered = geoms.copy()
     buffered[is_line] = geoms[is_line].buffer(radius, cap_style="round", join_style="round")

@@ -22,23 +22,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import __version__, reference
-from .atomic import atomic_path
+from .atomic import atomic_path, refuse_overlap
 from .errors import InputError
 from .model import ModelSpec, build_model, raw_pixel_scaling, read_state_dict
 from .radiometry import Radiometry
 from .styles import complete_classes
 
 log = logging.getLogger(__name__)
+
+MAX_EMD_BYTES = 4 << 20  # a model definition is a few kB; the reference's with its history, under 100 kB
 
 
 def sha256_file(path: str | Path) -> str:
@@ -130,11 +133,12 @@ def write_package(folder: str | Path, model: nn.Module, emd: dict[str, Any], *, 
     """
     folder = Path(folder)
     name = folder.name
-    with atomic_path(folder, directory=True) as tmp:
+    with atomic_path(folder, directory=True, kind="model-package") as tmp:
         weights = tmp / f"{name}.pth"
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # plain layout, whatever the training's
         if half:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        check_finite(state, folder)  # before the commit: a package never holds NaN weights (nor float16 overflow)
         torch.save(state, weights)
         if set(torch.load(weights, map_location="cpu", weights_only=True)) != set(state):  # re-read before the commit
             raise OSError(f"{weights}: the weights read back differ from those written")
@@ -166,6 +170,7 @@ def share_package(src: str | Path, dst: str | Path, *, half: bool = True) -> Pat
     sha256 is checked on every load like any package's.
     """
     pkg = load_package(src)
+    refuse_overlap({"OUTDIR": dst}, {"MODEL": pkg.path})
     if pkg.reference_emd is not None or pkg.emd.get("Framework") != "roadxfer":
         raise InputError(pkg.path, "is not a roadxfer package", "share a package trained by roadxfer (the reference tool's packages are shared as they are)")
     emd = json.loads(json.dumps(pkg.emd))
@@ -187,6 +192,56 @@ def _find_emd(path: Path) -> Path:
     raise InputError(path, "is not a model package: no .emd model definition found", "point to a package folder (roadxfer's or the reference tool's), its .emd file or a .dlpk")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_emd_fields(emd: dict[str, Any], emd_path: Path) -> None:
+    """Refuse, before any weights are read, the fields that would fail later or give a wrong map."""
+    fix = "repair the .emd (or re-export the model): the reference tool writes these fields as numbers and a list of classes"
+    for key in ("ImageHeight", "ImageWidth"):
+        if key in emd and not (_is_int(emd[key]) and 0 < emd[key] <= 16384):
+            raise InputError(emd_path, f"{key} {emd[key]!r} is not a tile size in pixels (a whole number from 1 to 16384)", fix)
+    classes = emd.get("Classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, dict) for c in classes):
+        raise InputError(emd_path, f"Classes must be a non-empty list of {{Value, Name, Color}}, not {str(classes)[:60]!r}", fix)
+    values = [c.get("Value", c.get("value", c.get("ClassValue"))) for c in classes]
+    for v in values:
+        if not _is_int(v) or not 1 <= v <= 254:
+            raise InputError(emd_path, f"class value {v!r} is not a whole number from 1 to 254 (0 is background and 255 nodata in the class raster)",
+                             "give each class a value from 1 to 254 in the .emd's Classes")
+    if len(set(values)) != len(values):
+        raise InputError(emd_path, f"class values {values} repeat", "give each class its own value")
+    norm = emd.get("Normalization")
+    if norm is not None:
+        numbers = [*(norm.get("mean") or []), *(norm.get("std") or [])] if isinstance(norm, dict) else [None]
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) or not all(x > 0 for x in norm.get("std") or [1]):
+            raise InputError(emd_path, f"Normalization {str(norm)[:80]} is not finite means and positive standard deviations", "re-train or re-export the model")
+
+
+def model_file(emd: dict[str, Any], emd_path: Path) -> Path:
+    """The weights file an ``.emd`` names (``ModelFile``): a file inside the package folder, never elsewhere."""
+    name = emd.get("ModelFile", f"{emd_path.stem}.pth")
+    folder = emd_path.parent.resolve()
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise InputError(emd_path, f"ModelFile {name!r} is not a file name", "ModelFile names the weights file beside the .emd, e.g. model.pth")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    weights = (folder / rel).resolve()
+    if rel.is_absolute() or ".." in rel.parts or not weights.is_relative_to(folder):
+        raise InputError(emd_path, f"ModelFile {name!r} points outside the package folder {folder}", "a package's weights lie in its own folder: fix ModelFile or copy the weights beside the .emd")
+    if weights.exists() and not weights.is_file():
+        raise InputError(weights, "named by the .emd (ModelFile) is not a regular file", "ModelFile names the weights file beside the .emd")
+    return weights
+
+
+def check_finite(state: dict[str, torch.Tensor], weights: Path) -> None:
+    """One NaN or infinite weight turns every pixel's output into NaN (an all-background map): refuse it."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise InputError(weights, f"holds NaN or infinite weights ({bad}): the model would classify every pixel as background",
+                         "use another checkpoint of the model (a training run that diverged writes none)")
+
+
 def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Package:
     """Load a package for classification or as a pretrained start; fails clearly on anything odd.
 
@@ -199,32 +254,42 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Pac
     if path.is_file() and path.suffix.lower() == ".dlpk":
         with tempfile.TemporaryDirectory(prefix="roadxfer-dlpk-") as tmp:
             reference.extract_dlpk(path, Path(tmp))
-            pkg = load_package(tmp, device=device)
+            try:
+                pkg = load_package(tmp, device=device)
+            except InputError as exc:  # name the archive (and its member), not a temporary folder that is gone
+                member = Path(exc.path).resolve().relative_to(Path(tmp).resolve()) if exc.path and Path(exc.path).resolve().is_relative_to(Path(tmp).resolve()) else None
+                raise InputError(path, f"{exc.problem}{f' (member {member})' if member and str(member) != '.' else ''}", exc.fix) from exc
         pkg.path = path
         return pkg
     emd_path = _find_emd(path)
+    if emd_path.stat().st_size > MAX_EMD_BYTES:
+        raise InputError(emd_path, f"model definition is {emd_path.stat().st_size / 1e6:.0f} MB; a .emd is a few kB", "use the package's own .emd")
     try:
         emd = json.loads(emd_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(emd_path, f"model definition is corrupt ({exc})", "re-export or re-train the model") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise InputError(emd_path, f"model definition is corrupt ({detail})", "re-export or re-train the model") from exc
     if not isinstance(emd, dict):
         raise InputError(emd_path, "model definition is not a JSON object", "re-export or re-train the model")
     if reference.is_reference_emd(emd):
         return _load_reference(emd_path, emd, device)
     if emd.get("Framework") != "roadxfer" or emd.get("ModelName") != "MultiTaskRoadExtractor":
         raise InputError(emd_path, f"is a {emd.get('Framework')!r}/{emd.get('ModelName')!r} model, not a roadxfer or reference MultiTaskRoadExtractor", f"use a package trained by roadxfer or a reference {reference.SUPPORTED}")
+    check_emd_fields(emd, emd_path)
     try:
         spec = ModelSpec(**emd["roadxfer"]["spec"])
     except (KeyError, TypeError) as exc:
         raise InputError(emd_path, f"lacks a valid model spec ({exc})", "re-train the model with roadxfer") from exc
-    weights = emd_path.parent / emd.get("ModelFile", f"{emd_path.stem}.pth")
+    weights = model_file(emd, emd_path)
     if not weights.is_file():
         raise InputError(weights, "model weights file is missing", "copy the whole package folder")
     digest = sha256_file(weights)
     expected = emd["roadxfer"].get("weights_sha256")
     if expected and expected != digest:
         raise InputError(weights, "weights do not match the sha256 recorded in the .emd (corrupt or replaced)", "copy the package again")
-    model = _strict_model(spec, read_state_dict(weights, "PyTorch weights"), weights)
+    state = read_state_dict(weights, "PyTorch weights")
+    check_finite(state, weights)
+    model = _strict_model(spec, state, weights)
     model.to(device).eval()
     return Package(emd_path.parent, emd, model, digest)
 
@@ -241,12 +306,16 @@ def _strict_model(spec: ModelSpec, state: dict[str, torch.Tensor], weights: Path
 
 def _load_reference(emd_path: Path, emd: dict[str, Any], device: str | torch.device) -> Package:
     """A reference-tool package, described by an ``.emd`` of ours built from its fields."""
+    if emd.get("ModelName") == reference.MODEL_NAME:  # another model's .emd is refused by name first
+        check_emd_fields(emd, emd_path)
     spec, fields = reference.reference_spec(emd, emd_path)
-    weights = emd_path.parent / emd.get("ModelFile", f"{emd_path.stem}.pth")
+    weights = model_file(emd, emd_path)
     if not weights.is_file():
         raise InputError(weights, "model weights file named by the .emd (ModelFile) is missing", "copy the whole model folder, or use its .dlpk")
     digest = sha256_file(weights)
-    model = _strict_model(spec, read_state_dict(weights, "PyTorch weights"), weights)
+    state = read_state_dict(weights, "PyTorch weights")
+    check_finite(state, weights)
+    model = _strict_model(spec, state, weights)
     mean, std = raw_pixel_scaling(spec.in_channels)
     ours = build_emd(emd_path.stem, spec, tile_size=fields["ImageHeight"], classes=complete_classes(emd["Classes"]), bin_size=360 // spec.orientation_bins,
                      mean=mean, std=std, cell_size=None, provenance={"imported_from": str(emd_path), "reference_emd": fields})

@@ -16,6 +16,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from .errors import InputError
+from .sources import check_local_input
 from .radiometry import Radiometry, Stretch, scene_stretch
 
 # Creation options for every GeoTIFF we write: tiled and compressed, so windowed reads
@@ -113,6 +114,7 @@ def image_info(
         raise InputError(path, "image file does not exist", "check the `image` column of the scene sheet")
     if Path(path).stat().st_size == 0:
         raise InputError(path, "image file is empty", "re-export or re-copy the image")
+    check_local_input(path)  # a VRT naming URLs or raw files is refused before GDAL opens it
     try:
         with rasterio.open(path) as src:
             crs, transform = src.crs, src.transform
@@ -209,7 +211,9 @@ def resampled_grid(info: ImageInfo, cell_metres: float) -> tuple[rasterio.Affine
     cell = cell_metres / cell_size_metres(info.crs, 1.0)
     x_extent, y_extent = info.width * abs(info.transform.a), info.height * abs(info.transform.e)
     width, height = max(1, int(np.ceil(x_extent / cell - 1e-6))), max(1, int(np.ceil(y_extent / cell - 1e-6)))
-    return rasterio.Affine(cell, 0, info.transform.c, 0, -cell, info.transform.f), width, height
+    t = info.transform  # north-up or south-up (e > 0), east-right or not: the grid starts at the extent's north-west corner
+    left, top = min(t.c, t.c + info.width * t.a), max(t.f, t.f + info.height * t.e)
+    return rasterio.Affine(cell, 0, left, 0, -cell, top), width, height
 
 
 def warped(src: rasterio.DatasetReader, info: ImageInfo, transform: rasterio.Affine, width: int, height: int,

@@ -31,6 +31,9 @@ MODEL_NAME = "MultiTaskRoadExtractor"
 SUPPORTED = "MultiTaskRoadExtractor with mtl_model 'linknet' and backbone 'resnet34' on 3-band imagery"
 FORMAT_VERSION = "2.4.4"  # the reference library version whose layout we read and write
 MAX_DLPK_BYTES = 8 << 30  # uncompressed: a model package is far smaller; refuses zip bombs
+MAX_DLPK_MEMBERS = 10_000  # a package holds a few dozen files (charts, the model, its definition)
+MAX_DLPK_RATIO = 20  # unpacked model / archive size: weights compress by a few per cent, a zip bomb by thousands
+MAX_DLPK_SMALL = 64 << 20  # below this a model may unpack at any ratio
 
 
 def is_reference_emd(emd: dict[str, Any]) -> bool:
@@ -76,41 +79,95 @@ def reference_spec(emd: dict[str, Any], emd_path: Path) -> tuple[ModelSpec, dict
     return spec, fields
 
 
-def extract_dlpk(archive: Path, dest: Path) -> None:
-    """Unzip a ``.dlpk`` into ``dest``, refusing any member that would land outside it.
+def _member_names(zf: zipfile.ZipFile, archive: Path) -> dict[str, zipfile.ZipInfo]:
+    """The archive's file members by normalised name; refuses what no package holds (see :func:`extract_dlpk`)."""
+    members = zf.infolist()
+    if len(members) > MAX_DLPK_MEMBERS:
+        raise InputError(archive, f"holds {len(members)} members; a model package holds a few dozen", "do not use this file")
+    files: dict[str, zipfile.ZipInfo] = {}
+    folders: set[str] = set()
+    for info in members:
+        name = info.filename.replace("\\", "/")
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
+            raise InputError(archive, f"member {info.filename!r} would be written outside the package folder", "do not use this file: a package never needs such a member")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise InputError(archive, f"member {info.filename!r} is a symbolic link", "do not use this file: a package never needs links")
+        if any(len(p.encode()) > 255 for p in parts) or len(name) > 1024:
+            raise InputError(archive, f"member name {info.filename[:40]!r}... is longer than file systems allow", "do not use this file")
+        if info.flag_bits & 0x1:
+            raise InputError(archive, f"member {info.filename!r} is encrypted", "export the package again without a password")
+        key = "/".join(parts)
+        if info.is_dir():
+            folders.add(key)
+            continue
+        if key in files:
+            raise InputError(archive, f"holds member {key!r} twice (which one would be used is up to the reader)", "do not use this file: export the package again")
+        files[key] = info
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    clash = sorted(set(files) & folders)
+    if clash:
+        raise InputError(archive, f"holds {clash[0]!r} both as a file and as a folder", "do not use this file")
+    return files
 
-    Absolute names, drive letters, ``..`` components and symbolic links are refused
-    before anything is written, as is an archive that unpacks to more than 8 GB.
+
+def extract_dlpk(archive: Path, dest: Path) -> None:
+    """Unpack the model of a ``.dlpk`` into ``dest``: its ``.emd`` and the weights that names, nothing else.
+
+    Refused before anything is written: members that would land outside ``dest`` (absolute
+    names, drive letters, ``..``), links, encrypted members, duplicate names, a name that is
+    both a file and a folder, names no file system takes, more than
+    ``MAX_DLPK_MEMBERS`` members, and a model that unpacks to more than ``MAX_DLPK_RATIO``
+    times the archive's size (weights barely compress; a zip bomb does). Damaged members
+    (bad CRC, unsupported compression) are named.
     """
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError) as exc:
         raise InputError(archive, f"is not a readable .dlpk (zip) file ({exc})", "copy the package again") from exc
     with zf:
-        members = zf.infolist()
-        total = 0
-        for info in members:
-            name = info.filename.replace("\\", "/")
-            parts = PurePosixPath(name).parts
-            if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
-                raise InputError(archive, f"member {info.filename!r} would be written outside the package folder", "do not use this file: a package never needs such a member")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise InputError(archive, f"member {info.filename!r} is a symbolic link", "do not use this file: a package never needs links")
-            total += info.file_size
-        if total > MAX_DLPK_BYTES:
-            raise InputError(archive, f"unpacks to {total / 1e9:.1f} GB", "a model package is far smaller: do not use this file")
+        files = _member_names(zf, archive)
+        emds = sorted(k for k in files if "/" not in k and k.lower().endswith(".emd"))
+        if not emds:
+            raise InputError(archive, "holds no .emd model definition at its top level", "use the .dlpk the reference tool or roadxfer wrote")
+        stem = archive.stem
+        emd_name = next((k for k in emds if k == f"{stem}.emd"), emds[0])
+        wanted = [emd_name]
+        emd_info = files[emd_name]
+        if emd_info.file_size > 4 << 20:
+            raise InputError(archive, f"its {emd_name} is {emd_info.file_size / 1e6:.0f} MB; a .emd is a few kB", "do not use this file")
+        try:  # only to find ModelFile: the loader reads the .emd again and names what is wrong with it
+            emd = json.loads(_read_member(zf, emd_info, archive).decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            emd = None
+        model_file = emd.get("ModelFile", f"{PurePosixPath(emd_name).stem}.pth") if isinstance(emd, dict) else None
+        if isinstance(model_file, str):
+            key = "/".join(PurePosixPath(model_file.replace("\\", "/")).parts)
+            if key in files:
+                wanted.append(key)
+        total = sum(files[k].file_size for k in wanted)
+        cap = max(MAX_DLPK_SMALL, MAX_DLPK_RATIO * archive.stat().st_size)
+        if total > min(cap, MAX_DLPK_BYTES):
+            raise InputError(archive, f"its model unpacks to {total / 1e6:.0f} MB from a {archive.stat().st_size / 1e6:.1f} MB archive", "do not use this file: model weights barely compress")
         root = dest.resolve()
-        for info in members:
-            target = (dest / info.filename.replace("\\", "/")).resolve()
+        for key in wanted:
+            target = (dest / key).resolve()
             if not target.is_relative_to(root):
-                raise InputError(archive, f"member {info.filename!r} would be written outside the package folder", "do not use this file")
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
+                raise InputError(archive, f"member {key!r} would be written outside the package folder", "do not use this file")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
+            target.write_bytes(_read_member(zf, files[key], archive))
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: Path) -> bytes:
+    """A member's bytes, at most its declared size; a damaged or unsupported member is named."""
+    try:
+        with zf.open(info) as src:
+            data = src.read(info.file_size + 1)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise InputError(archive, f"member {info.filename!r} cannot be unpacked ({exc})", "copy the package again; the archive is damaged or uses a compression zip files for models do not") from exc
+    if len(data) > info.file_size:
+        raise InputError(archive, f"member {info.filename!r} is larger than the archive declares", "do not use this file")
+    return data
 
 
 def _transforms(tile: int) -> str:

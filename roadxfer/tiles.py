@@ -150,7 +150,7 @@ def export_tiles(
     sizes: dict[str, int] = {}
     n = 0
     skipped_nodata = skipped_empty = 0
-    with atomic_path(out_dir, directory=True) as tmp:
+    with atomic_path(out_dir, directory=True, kind="classified-tiles") as tmp:
         for sub in ("images", "labels", "orientation"):
             (tmp / sub).mkdir()
         with contextlib.ExitStack() as stack:

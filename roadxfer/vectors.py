@@ -13,6 +13,7 @@ import pandas as pd
 import pyogrio
 
 from .errors import InputError
+from .sources import check_local_input
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,14 @@ def read_vectors(path: str | Path, *, layer: str | None = None, where: str | Non
         raise InputError(path, "vector labels file does not exist", "check the `labels` column of the scene sheet")
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise InputError(path, "vector labels file is empty (0 bytes)", "re-export the polylines")
+    check_local_input(path, vector=True)  # an OGR VRT naming URLs or other files is refused before OGR opens it
     try:
-        if layer is not None and layer not in [name for name, _ in pyogrio.list_layers(path)]:
-            raise InputError(path, f"has no layer {layer!r}", f"use one of {[n for n, _ in pyogrio.list_layers(path)]}")
+        layers = [name for name, _ in pyogrio.list_layers(path)]
+        if layer is not None and layer not in layers:
+            raise InputError(path, f"has no layer {layer!r}", f"use one of {layers}")
+        if layer is None and len(layers) > 1:
+            raise InputError(path, f"has {len(layers)} layers ({', '.join(map(str, layers[:5]))}{'...' if len(layers) > 5 else ''}) and none was chosen",
+                             "name the layer: the `layer` column of the scene sheet, or --layer on the command line")
         gdf = pyogrio.read_dataframe(path, layer=layer, where=where or None)
     except InputError:
         raise
@@ -41,6 +47,11 @@ def read_vectors(path: str | Path, *, layer: str | None = None, where: str | Non
         raise InputError(path, f"cannot be read as vector data ({exc})", "check the file opens in QGIS/ogrinfo and that the `filter` is valid OGR SQL") from exc
     if gdf.crs is None:
         raise InputError(path, "vector labels have no coordinate reference system", "define it, e.g. `ogr2ogr -a_srs EPSG:4326 out.gpkg in.gpkg`")
+    if gdf.crs.is_geographic and len(gdf):
+        x0, y0, x1, y1 = gdf.total_bounds
+        if not (-360 <= x0 and x1 <= 360 and -90 <= y0 and y1 <= 90):  # GeoJSON without a CRS is read as longitude/latitude
+            raise InputError(path, f"has coordinates up to ({x1:.0f}, {y1:.0f}) but its CRS {gdf.crs.to_string()} is in degrees: the file does not say its real CRS",
+                             "assign the right one, e.g. `ogr2ogr -a_srs EPSG:32611 out.gpkg in.geojson` (GeoJSON without a crs is taken as longitude/latitude)")
     missing = gdf.geometry.isna() | gdf.geometry.is_empty
     if missing.any():
         log.warning("%s: dropping %d feature(s) with empty geometry", path, int(missing.sum()))
@@ -115,3 +126,21 @@ def class_values(
         if unknown:
             raise InputError(path, f"has class value(s) {unknown} not listed under `classes` in the config", "add them to `classes` or fix the labels")
     return result
+
+
+def local_utm(geoms: gpd.GeoSeries | gpd.GeoDataFrame) -> Any:
+    """The UTM zone at the centre of geographic ``geoms`` (for lengths and buffers in metres).
+
+    geopandas' ``estimate_utm_crs`` fails for data on the antimeridian (bounds running past
+    180 degrees) and names no file; the zone of the centre, wrapped into -180..180, does not.
+    """
+    from pyproj import CRS
+
+    try:
+        return geoms.estimate_utm_crs()
+    except Exception:  # pyproj finds no zone: take the centre's
+        pass
+    x0, y0, x1, y1 = geoms.total_bounds
+    lon, lat = ((x0 + x1) / 2 + 180) % 360 - 180, min(max((y0 + y1) / 2, -80.0), 84.0)
+    zone = int((lon + 180) // 6) % 60 + 1
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)

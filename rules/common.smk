@@ -6,11 +6,12 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)
 
-from roadxfer.config import ROLES as SHEET_ROLES, check_config
+from roadxfer.config import ROLES as SHEET_ROLES, check_config, check_plain
 from roadxfer.errors import InputError
 from roadxfer.sheet import TRAINING_ROLES, check_scene_sizes, check_sheet, read_sheet
 from roadxfer.styles import complete_classes
 
+check_plain(config, source="config (merged --configfile files)")  # aliases and NaN, before the schema walks them
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config, source="config (merged --configfile files)")
 # A class without a name or colour gets a default now (with a warning), not a failure later.
