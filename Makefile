@@ -1,13 +1,14 @@
 # The two commands of the README:
 #   make demo   set up .venv (when needed) and run the workflow on the bundled demo scenes
-#   make test   set up .venv (when needed) and run the test suite
+#   make test   set up .venv (when needed) and run the test suite's fast tier (what proves the software works)
+#   make test-all   every test: the slow tier, end-to-end workflow runs and SLURM (what CI runs)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.roadxfer-installed
 CORES ?= $(shell nproc)
 
-.PHONY: demo test lint dryrun bench clean-demo pretrain
+.PHONY: demo test test-all lint dryrun bench clean-demo pretrain
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ pretrain: $(STAMP)
 	sha256sum $(PRETRAINED)/$(notdir $(PRETRAINED)).pth
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not workflow and not slurm"
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -120,8 +120,16 @@ def _table(df: pd.DataFrame, cls: str = "") -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", classes=cls, border=0)
 
 
+def targets_html(t: pd.DataFrame) -> str:
+    """The checks as an HTML table: every cell escaped (road-type and model names come from the config and sheet), the pass mark styled."""
+    marks = ["<span class='pass'>yes</span>" if bool(p) else "<span class='fail'>no</span>" for p in t["pass"]]
+    cells = t.astype(object).map(lambda v: html.escape(str(v)))
+    cells["pass"] = marks
+    return cells.to_html(index=False, escape=False, border=0)
+
+
 def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | None, retention: pd.DataFrame | None = None,
-            retained_types: Sequence[str] = ()) -> pd.DataFrame:
+            retained_types: Sequence[str] = (), imagenet: str | None = None) -> pd.DataFrame:
     """The demo's acceptance targets, checked on the summary table (and the retention table).
 
     Transfer vs scratch is shown on pixel F1, recall (the headline: reference labels may be
@@ -129,7 +137,10 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
     pretrained model's own domain, which the transfer should keep, per road type the base
     model was trained on (``retained_types``; when the retention scenes' reference holds
     new road types too, a transfer model that finds them is not scored as making false
-    base-type roads); with none given, all their roads as one.
+    base-type roads); with none given, all their roads as one. ``imagenet``: the
+    ImageNet-only control (the same ImageNet encoder, never trained on roads, frozen, its
+    decoders trained on the transfer tiles), which separates what general features bought
+    from what road pretraining bought.
     """
     table = summary.set_index(["model", "road_type"])
     rows = []
@@ -145,14 +156,18 @@ def targets(summary: pd.DataFrame, baseline: str, transfer: str, control: str | 
                 for col, name in names.items():
                     a, b = get(transfer, t, col), get(control, t, col)
                     rows.append({"check": f"{t}: transfer {name} > scratch {name}", "value": f"{a:.3f} vs {b:.3f}", "pass": a > b})
+            if imagenet and (imagenet, t) in table.index:
+                a, b = get(transfer, t), get(imagenet, t)
+                rows.append({"check": f"{t}: transfer F1 > ImageNet-only F1", "value": f"{a:.3f} vs {b:.3f}", "pass": a > b})
     if (baseline, "paved") in table.index:
         rows.append({"check": "paved: transfer F1 >= base F1 - 0.03", "value": f"{get(transfer, 'paved'):.3f} vs {get(baseline, 'paved'):.3f}", "pass": get(transfer, "paved") >= get(baseline, "paved") - 0.03})
     if "apls" in table and (transfer, "all") in table.index:
-        others = [m for m in (baseline, control) if m and (m, "all") in table.index]
+        others = [m for m in (baseline, control, imagenet) if m and (m, "all") in table.index]
         if others:
             a = get(transfer, "all", "apls")
             rest = {m: get(m, "all", "apls") for m in others}
-            rows.append({"check": "road graph: transfer APLS > " + " and ".join("base" if m == baseline else "scratch" for m in others) + " APLS",
+            label = {baseline: "base", control: "scratch", imagenet: "ImageNet-only"}
+            rows.append({"check": "road graph: transfer APLS > " + " and ".join(label[m] for m in others) + " APLS",
                          "value": f"{a:.3f} vs " + " / ".join(f"{v:.3f}" for v in rest.values()), "pass": all(a > v for v in rest.values())})
     if "direction_acc15" in table:
         for t in ("unpaved", "trail"):
@@ -293,24 +308,25 @@ def write_report(
     all_scenes, per_scene = per_scene, per_scene[per_scene["scene"].isin(list(test_scenes))]
     ev = config.get("evaluation", {})
     baseline, transfer, control = ev.get("baseline", "base"), ev.get("transfer", "transfer"), ev.get("control")
+    imagenet = ev.get("imagenet_control")
     names = list(models)
     cols = ["model", "road_type", "precision", "recall", "f1", "iou", "relaxed_precision", "relaxed_recall", "relaxed_f1"] + [c for c in ("apls", "direction_acc15") if c in summary]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>roadxfer report</title><style>{CSS}</style></head><body>",
              "<h1>roadxfer: transfer learning report</h1>",
              f"<p>Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by roadxfer {__version__}, code <code>{html.escape(code_version())}</code>. "
-             f"Models: {', '.join(names)}. Test scenes: {', '.join(test_scenes)}.</p>"]
+             f"Models: {html.escape(', '.join(names))}. Test scenes: {html.escape(', '.join(test_scenes))}.</p>"]
     replicates = {m: list(r) for m, r in (ev.get("replicates") or {}).items() if m in names and set(r) <= set(names)}
     if baseline in names and transfer in names:
         checked, kept = (summary, retention) if not replicates else (mean_over_replicates(summary, replicates), None if retention is None else mean_over_replicates(retention, replicates))
-        t = targets(checked, baseline, transfer, control if control in names else None, kept, ev.get("retained_types") or ())
+        t = targets(checked, baseline, transfer, control if control in names else None, kept, ev.get("retained_types") or (),
+                      imagenet if imagenet in names else None)
         if len(t):
             files["targets"] = t.to_csv(index=False).encode()
-            t["pass"] = ["<span class='pass'>yes</span>" if p else "<span class='fail'>no</span>" for p in t["pass"]]
             parts += ["<h2>Did the transfer work?</h2>"]
             if replicates:
                 parts.append("<p>Checked on the mean over each repeated model's runs (training seeds): "
                              + ", ".join(f"{html.escape(m)} ({len(r) + 1} runs)" for m, r in replicates.items()) + "; their spread is below the metrics.</p>")
-            parts.append(t.to_html(index=False, escape=False, border=0))
+            parts.append(targets_html(t))
     parts += ["<h2>Metrics per model and road type (all test scenes)</h2>",
               "<p>Pixel metrics against the buffered reference lines; each predicted pixel is attributed to the road type whose reference is nearest. "
               f"Relaxed metrics accept a match within {ev.get('relaxed_pixels', 3)} px. APLS compares predicted centrelines with the reference polylines (average over scenes). "
@@ -346,7 +362,7 @@ def write_report(
                     continue
                 strip, gif, win = scene_figures(scene, image, classified, baseline, transfer, int(ev.get("report_window", 384)))
                 files[f"before_after/{scene}.png"] = strip
-                figures += [f"<figure><img alt='{scene} side by side' src='{_uri(strip)}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
+                figures += [f"<figure><img alt='{html.escape(scene)} side by side' src='{_uri(strip)}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
                             f"columns {win.col_off}-{win.col_off + win.width}: input and each model's roads (red).</figcaption></figure>",
                             f"<figure><img alt='{scene} base vs transfer' src='{_uri(gif, 'gif')}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
             if figures:
@@ -356,7 +372,7 @@ def write_report(
         png = Path(path) / "ModelCharacteristics" / "loss_graph.png"
         if png.is_file():
             files[f"training/{name}.png"] = png.read_bytes()
-            parts.append(f"<figure><img alt='{name} training' src='{_uri(files[f'training/{name}.png'])}'><figcaption>{html.escape(name)}</figcaption></figure>")
+            parts.append(f"<figure><img alt='{html.escape(name)} training' src='{_uri(files[f'training/{name}.png'])}'><figcaption>{html.escape(name)}</figcaption></figure>")
     parts += ["<h2>Provenance</h2>", "<h3>Models</h3>", _table(_provenance(models)),
               "<h3>Scenes</h3>", _table(pd.read_csv(scene_sheet, sep="\t", dtype=str, keep_default_na=False)),
               "<h3>Configuration</h3>", f"<pre>{html.escape(yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False))}</pre>",
@@ -374,7 +390,7 @@ def write_items(outputs: contextlib.ExitStack, items: Mapping[str, str | Path], 
             outputs.enter_context(atomic_path(items[key])).write_bytes(files.get(key, b"check,value,pass\n"))
     for folder in ("before_after", "training"):
         if folder in items:
-            tmp = outputs.enter_context(atomic_path(items[folder], directory=True))
+            tmp = outputs.enter_context(atomic_path(items[folder], directory=True, kind=f"report-{folder}"))
             for rel, data in files.items():
                 if rel.startswith(folder + "/"):
                     (tmp / rel.split("/", 1)[1]).write_bytes(data)

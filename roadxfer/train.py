@@ -130,6 +130,17 @@ class TrainConfig:
         return cls(**d)
 
 
+def eta_text(epoch_seconds: Sequence[float], epochs_left: int) -> str:
+    """``"about 3 min 10 s left"``: the epochs left at the mean of the last (up to 3) epochs, so a slow machine shows it is slow, not stuck."""
+    if not epoch_seconds:
+        return ""
+    if epochs_left <= 0:
+        return "last epoch"
+    recent = list(epoch_seconds)[-3:]
+    left = round(epochs_left * sum(recent) / len(recent))
+    return f"about {left // 60} min {left % 60} s left" if left >= 60 else f"about {left} s left"
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """CUDA when present (honouring CUDA_VISIBLE_DEVICES as SLURM sets it), else CPU."""
     if requested:
@@ -852,6 +863,9 @@ def train(
                 for b in model.buffers():  # BatchNorm statistics as rank 0 has them: every rank validates the same model
                     dist.broadcast(b, 0)
             metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **(evaluate(model, val_loader, dev, cfg) if len(val_idx) else {"val_loss": float("nan"), "val_road_iou": float("nan"), "val_orient_acc": float("nan"), "val_orient_acc1": float("nan")})}
+            if not math.isfinite(metrics["train_loss"]):  # every rank has the same sum: all stop here
+                raise InputError(out_package, f"training diverged in epoch {epoch + 1}: the loss is {metrics['train_loss']} (no package is written; the checkpoint of the last good epoch is kept)",
+                                 "lower training.lr (e.g. by 10x), or use training.precision: fp32; then run again")
             metrics["seconds"] = time.perf_counter() - t0
             metrics["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
             metrics["encoder_frozen"] = frozen_now
@@ -863,8 +877,9 @@ def train(
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             else:
                 bad += 1
-            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f (within one bin %.3f)  %.1fs (%.1f tiles/s)%s",
-                     epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["val_orient_acc1"], metrics["seconds"], n / metrics["seconds"], "  *best*" if improved else "")
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_road_iou %.4f  val_orient_acc %.3f (within one bin %.3f)  %.1fs (%.1f tiles/s)  %s%s",
+                     epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_road_iou"], metrics["val_orient_acc"], metrics["val_orient_acc1"], metrics["seconds"], n / metrics["seconds"],
+                     eta_text([m["seconds"] for m in history[start_epoch:]], cfg.epochs - epoch - 1), "  *best*" if improved else "")
             stop = stop_requested()
             if world > 1:  # every rank stops at the same epoch
                 flag = torch.tensor([int(stop)])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import rasterio
 
 from roadxfer.demo import write_scene
@@ -59,6 +60,7 @@ def test_errors_name_the_file_and_exit_2(tmp_path):
     assert out.returncode == 2 and "missing-model: model package does not exist" in out.stderr
 
 
+@pytest.mark.slow
 def test_a_16_bit_4_band_scene_with_band_selection(tmp_path):
     """An 11-bit RGB+NIR product: bands chosen and rescaled on the command line, classified by a 3-band model."""
     from test_radiometry import satellite_scene

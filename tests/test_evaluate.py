@@ -152,6 +152,14 @@ def test_report_targets_known_answers():
     assert not out.loc["trail: transfer direction within 15 degrees on >= 70 % of the road", "pass"]
     more[-2]["apls"] = 0.40  # transfer's graph now below scratch's
     assert not targets(pd.DataFrame(more), "base", "transfer", "scratch").set_index("check").loc["road graph: transfer APLS > base and scratch APLS", "pass"]
+    # The ImageNet-only control joins the new-road and road-graph checks when there is one.
+    more[-2]["apls"] = 0.53
+    more += [{"model": "imagenet", "road_type": t, "f1": f, "recall": f, "relaxed_f1": f, "direction_acc15": 0.5, **({"apls": 0.60} if t == "all" else {})}
+             for t, f in (("paved", 0.0), ("unpaved", 0.70), ("trail", 0.80), ("all", 0.5))]
+    out = targets(pd.DataFrame(more), "base", "transfer", "scratch", imagenet="imagenet").set_index("check")
+    assert out.loc["unpaved: transfer F1 > ImageNet-only F1", "pass"] and not out.loc["trail: transfer F1 > ImageNet-only F1", "pass"]
+    graph = "road graph: transfer APLS > base and scratch and ImageNet-only APLS"
+    assert not out.loc[graph, "pass"] and out.loc[graph, "value"] == "0.530 vs 0.170 / 0.450 / 0.600"
 
 
 def test_apls_pairs_are_sampled_without_listing_them():

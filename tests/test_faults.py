@@ -137,6 +137,7 @@ def _temporaries_for(out: Path, seconds: float) -> Callable[[], bool]:
     return ready
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["labels", "tiles", "classify"])
 def test_sigkill_at_several_points_then_rerun_equals_an_uninterrupted_run(tmp_path, scene, package, step):
     straight = tmp_path / "straight"
@@ -223,6 +224,7 @@ def tiles(tmp_path_factory, scene) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_set_aside_and_training_starts_over(tmp_path, tiles, caplog):
     cfg = TrainConfig(**FAST)
     train([tiles], tmp_path / "fresh", cfg, classes=ROAD, workdir=tmp_path / "w0")

@@ -27,6 +27,9 @@ LOGOS = [[1255, 0, 45, 300], [1170, 1020, 70, 270]]  # credit line and SpaceNet 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
 
+pytestmark = pytest.mark.slow  # a real scene labelled, tiled, trained on and classified: about a minute
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, object]:
     out = tmp_path_factory.mktemp("vegas")

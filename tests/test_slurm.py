@@ -19,7 +19,7 @@ from test_workflow import tiny_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 UNAVAILABLE = why_unavailable()
-pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no SLURM cluster: {UNAVAILABLE}")
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no SLURM cluster: {UNAVAILABLE}")]
 
 # The test cluster's GPUs are gres entries without a device: GPU jobs run on the CPU with a warning.
 SMALL = ("resources: {geo: {mem_mb: 500, runtime: 10}, train: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}, classify: {threads: 1, mem_mb: 1500, runtime: 20, gpu: 1}, "

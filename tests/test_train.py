@@ -255,6 +255,7 @@ def _train_cmd(tiles: Path, out: Path, workdir: Path, epochs: int, **options: An
     return [sys.executable, "-c", code]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_result(tiles, tmp_path):
     """lr auto and one-cycle: a resumed run keeps the rate found before the kill and picks the schedule up at the right step."""
     epochs = 5
@@ -296,6 +297,7 @@ def test_one_cycle_is_torchs_one_cycle_lr(total):
             sched.step()
 
 
+@pytest.mark.slow
 def test_lr_auto_is_the_range_tests_pick_and_leaves_the_training_as_it_was(tiles, tmp_path):
     """The range test restores weights, BatchNorm statistics and random state: training with
     the rate it found gives the same weights as training with that rate given as a number."""
@@ -383,6 +385,7 @@ def test_malloc_keeps_freed_memory_unless_the_user_set_it(monkeypatch):
     assert keep_freed_memory.__wrapped__() is False  # the user's MALLOC_* variables win
 
 
+@pytest.mark.slow
 def test_checkpoints_are_written_at_most_every_checkpoint_seconds(tiles, tmp_path, caplog):
     """0 writes one after every epoch but the last (whose state is the package); a long interval none on a short run."""
     def written(seconds: float, name: str) -> list[int]:
@@ -404,6 +407,7 @@ def test_early_stop_after_patience_epochs_without_improvement(tiles, tmp_path):
     assert not (tmp_path / ".m.work").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_checkpoints_the_epoch_and_stops(tiles, tmp_path, processes):
     """SLURM's SIGTERM before a kill: the epoch ends, is checkpointed (however long the interval), the job fails, a rerun resumes.
@@ -695,6 +699,7 @@ def _step_case():
     return model, (img, seg, ori), TrainConfig(dice_weight=0.0, precision="fp32")  # DDP is compared, not rounding
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_one_process_step(tmp_path):
     """Gradients of 2 gloo processes, 2 tiles each, are averaged into the step one process takes on all 4."""
     from roadxfer.train import _free_port, global_batches, train_step
@@ -711,6 +716,7 @@ def test_ddp_step_equals_one_process_step(tmp_path):
     assert moved > 1e-3 and gap < 1e-4 * max(1.0, moved), (moved, gap)
 
 
+@pytest.mark.slow
 def test_two_processes_train_end_to_end(tiles, tmp_path):
     """DistributedDataParallel on the CPU (gloo, 2 processes, 2 tiles each) against one process with batches of 4."""
     from roadxfer.train import global_batches
@@ -741,9 +747,18 @@ def test_gpu_process_groups_reduce_cpu_tensors_with_gloo():
     assert process_group_backend(False) == "gloo"
 
 
+@pytest.mark.slow
 def test_two_processes_run_one_range_test(tiles, tmp_path):
     """lr: auto under DDP: each step's loss is averaged over the ranks, so they stop the test at the
     same step and train with the same rate (a rank that stopped alone would leave the other waiting)."""
     train([tiles["base"]], tmp_path / "two", TrainConfig(**{**FAST, "epochs": 1, "lr": "auto"}), classes=ROAD, threads=2, processes=2)
     emd = json.loads((tmp_path / "two" / "two.emd").read_text())["roadxfer"]
     assert emd["processes"] == 2 and 1e-7 <= emd["lr_found"] < 10 and emd["history"][0]["lr"] == emd["lr_found"]
+
+
+def test_eta_of_the_epochs_left():
+    from roadxfer.train import eta_text
+
+    assert eta_text([10.0, 20.0, 30.0, 40.0], 3) == "about 1 min 30 s left"  # the mean of the last three epochs (30 s) x 3
+    assert eta_text([5.0], 2) == "about 10 s left"
+    assert eta_text([5.0], 0) == "last epoch" and eta_text([], 4) == ""

@@ -82,6 +82,7 @@ def test_invalid_config_value_is_refused(tmp_path):
     assert out.returncode != 0 and "multiple of 32" in out.stdout + out.stderr
 
 
+@pytest.mark.workflow
 def test_small_demo_runs_end_to_end(tmp_path):
     # As the demo: a side network beside the frozen encoder, and a scene of the base domain for retention.
     # A repeat of the transfer model with another training seed: the checks read the mean of the two.
@@ -140,6 +141,27 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert "re-purposes a pretrained road-extraction model" in html  # the workflow description
 
 
+@pytest.mark.workflow
+def test_a_base_from_the_users_own_imagery_with_the_frozen_imagenet_encoder(tmp_path):
+    """The recipe the README recommends when no model is brought (config/base_from_imagenet.yaml),
+    with the ImageNet-only control in the report."""
+    wf = tiny_workflow(tmp_path, extra=(
+        "models: {imagenet: {datasets: [transfer], pretrained: null, freeze: true, training: {encoder_weights: imagenet}}}\n"
+        "classify: {models: [base, transfer, scratch, imagenet]}\n"
+        "evaluation: {imagenet_control: imagenet}\n"))
+    out = smk("--configfile", "cfg.yaml", str(ROOT / "config" / "base_from_imagenet.yaml"), "--cores", "2", cwd=wf)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    emd = {m: json.loads((wf / f"results/models/{m}/{m}.emd").read_text()) for m in ("base", "transfer", "imagenet", "scratch")}
+    for m in ("base", "transfer", "imagenet"):
+        assert emd[m]["roadxfer"]["encoder_init"]["source"] == "imagenet-1k" and emd[m]["ModelParameters"]["backbone"] == "timm-tf_efficientnet_lite0"
+        assert emd[m]["Normalization"]["mean"][0] == pytest.approx(127.5 / 255)
+    assert emd["base"]["roadxfer"]["training_config"]["freeze"] and emd["transfer"]["roadxfer"]["parent"]["name"] == "base"
+    assert emd["scratch"]["roadxfer"]["encoder_init"] is None
+    report = (wf / "results/report/report.html").read_text()
+    assert "ImageNet-only" in report and "road graph: transfer APLS &gt; base and scratch and ImageNet-only APLS" in report
+
+
+@pytest.mark.workflow
 def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
     """A model brought as it is (the reference tool's package) is the baseline: classified and evaluated, not trained;
     the transfer model starts from it, and is exported back in the reference layout."""
@@ -179,6 +201,8 @@ def test_workflow_transfers_from_a_reference_tool_package(tmp_path):
         ("models: {transfer: {training: {unfreeze_after: 5}}}\n", "training.unfreeze_after 5 is not below its 1 epochs"),
         ("models: {transfer: {datasets: [trasfer]}}\n", "models.transfer.datasets entry 'trasfer' is neither a role"),
         ("models: {base: {package: nowhere.dlpk}}\n", "models.base.package 'nowhere.dlpk' does not exist"),
+        ("classify: {threshold: .nan}\n", "classify.threshold is nan"),
+        ("image: &i {band_count: 3}\nx_copy: [*i, *i]\n", "repeats another part of the config (a YAML anchor and alias)"),
     ],
 )
 def test_config_mistakes_fail_at_parse_time(tmp_path, extra, message):
@@ -208,6 +232,7 @@ def test_tiles_by_role_keeps_chips_by_the_scene_role(tmp_path):
     assert bad.returncode != 0 and "bse" in bad.stdout + bad.stderr
 
 
+@pytest.mark.workflow
 def test_usable_as_a_module_of_another_workflow(tmp_path):
     """An outer workflow imports roadxfer from a local path with its own config and scene sheet."""
     wf = tiny_workflow(tmp_path)  # the scene sheet; the config goes under the outer workflow's own key
@@ -247,6 +272,7 @@ def test_a_class_without_name_or_colour_gets_defaults_with_a_warning(tmp_path):
     assert "class value 1 has no name: it is called 'class 1'" in text and "class 'class 1' has no colour: [255, 0, 0] is used" in text
 
 
+@pytest.mark.workflow
 def test_a_big_scene_is_classified_in_shard_jobs(tmp_path):
     """classify.shard_size: the scene's header gives 4 shard jobs; joined, they equal one job's classification."""
     from roadxfer.classify import ClassifySettings, classify_scene
@@ -268,6 +294,7 @@ def test_a_big_scene_is_classified_in_shard_jobs(tmp_path):
         assert (a.transform, a.shape) == (b.transform, b.shape) and (a.read(1) == b.read(1)).all()
 
 
+@pytest.mark.workflow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_job_that_asks_for_a_gpu_it_does_not_get_fails_saying_so(tmp_path):
     fixture = ROOT / "tests" / "data" / "arcgis-mtre-linknet34"
