@@ -11,7 +11,9 @@ With ``ROADXFER_MALLOC=default`` in the environment glibc's malloc is left as it
   memory, same model and batch; their ratio (goal >= 0.9);
 * per-step speed-up of the frozen encoder over full fine-tuning (goal >= 1.8x for LinkNet-34);
 * with several ``--precision`` values: bare steps per precision and each one's speed-up
-  over the first (``training.precision``; e.g. ``--precision fp32 auto``).
+  over the first (``training.precision``; e.g. ``--precision fp32 auto``);
+* with ``--both-cpus``: all of it as this CPU runs it, then held to AVX2 kernels in float32
+  (the kernels a CPU without AVX-512 or bfloat16 runs; the clock and cores stay this machine's).
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ def timed_steps(model, optimizer, scaler, batches, dev, cfg) -> float:
     return (time.perf_counter() - t0) / n
 
 
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def both_cpus(argv: list[str]) -> None:
+    """This benchmark as this CPU runs it, then held to AVX2 in float32, one after the other (never at once)."""
+    import os
+    import subprocess
+
+    argv = [a for a in argv if a != "--both-cpus"]
+    plain = [a for i, a in enumerate(argv) if a != "--precision" and (i == 0 or argv[i - 1] != "--precision")]
+    for label, env, extra in (("this CPU, as it is", {}, []), ("held to AVX2, float32", AVX2_ENV, ["--precision", "fp32"])):
+        print(f"== {label} {' '.join(f'{k}={v}' for k, v in env.items())}", flush=True)
+        subprocess.run([sys.executable, __file__, *(plain + extra if extra else argv)], env={**os.environ, **env}, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="resnet34")
@@ -62,7 +79,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS)
+    ap.add_argument("--both-cpus", action="store_true",
+                    help="run twice, side by side: as this CPU runs it, and held to AVX2 kernels in float32 (ATEN_CPU_CAPABILITY=avx2, "
+                         "ONEDNN_MAX_CPU_ISA=AVX2, --precision fp32), as a CPU without AVX-512 or bfloat16 runs it")
     args = ap.parse_args()
+    if args.both_cpus:
+        both_cpus(sys.argv[1:])
+        return
     workers = set_threads(args.threads)
     dev = pick_device(args.device)
     cfg = TrainConfig(arch=args.arch, backbone=args.backbone, batch_size=args.batch, precision=args.precision[0], side_channels=args.side_channels)

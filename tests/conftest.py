@@ -64,3 +64,17 @@ def make_vectors(path: Path, geoms: list, *, crs: str | None = UTM, layer: str =
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def random_package(folder: Path, *, tile_size: int = 128) -> Path:
+    """A roadxfer package of a seeded, untrained LinkNet/ResNet-18 (one road class, 18 direction bins, 0.3 m)."""
+    import torch
+
+    from roadxfer.model import ModelSpec, MultiTaskRoadModel
+    from roadxfer.package import build_emd, write_package
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="resnet18", orientation_bins=18)
+    emd = build_emd(folder.name, spec, tile_size=tile_size, classes=[{"value": 1, "name": "road", "color": [255, 0, 0]}], bin_size=10,
+                    mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.3, provenance={})
+    return write_package(folder, MultiTaskRoadModel(spec), emd)

@@ -22,14 +22,12 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import make_raster
+from conftest import make_raster, random_package
 
 from roadxfer.classify import ClassifySettings, classify_scene
 from roadxfer.demo import write_scene
 from roadxfer.errors import InputError
 from roadxfer.labels import LabelSettings, rasterize_scene
-from roadxfer.model import ModelSpec, MultiTaskRoadModel
-from roadxfer.package import build_emd, write_package
 from roadxfer.tiles import TileSettings, export_tiles
 from roadxfer.train import TrainConfig, train
 
@@ -49,10 +47,7 @@ def scene(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec(backbone="resnet18", orientation_bins=18)
-    emd = build_emd("m", spec, tile_size=128, classes=ROAD, bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.3, provenance={})
-    return write_package(tmp_path_factory.mktemp("pkg") / "m", MultiTaskRoadModel(spec), emd)
+    return random_package(tmp_path_factory.mktemp("pkg") / "m")
 
 
 # --- steps run in a child process, so that they can be killed like a preempted job --------

@@ -22,7 +22,7 @@ import pytest
 import rasterio
 import torch
 import yaml
-from conftest import make_raster, make_vectors
+from conftest import make_raster, make_vectors, random_package
 from shapely.geometry import LineString
 
 from roadxfer.atomic import MARKER, atomic_path
@@ -30,8 +30,7 @@ from roadxfer.classify import ClassifySettings, classify_scene
 from roadxfer.config import check_plain
 from roadxfer.demo import write_scene
 from roadxfer.errors import InputError
-from roadxfer.model import ModelSpec, MultiTaskRoadModel
-from roadxfer.package import build_emd, load_package, sha256_file, write_package
+from roadxfer.package import load_package, sha256_file
 from roadxfer.raster import image_info, resampled_grid
 from roadxfer.report import targets_html
 from roadxfer.sources import OPT_IN, check_local_input
@@ -52,10 +51,7 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec(backbone="resnet18", orientation_bins=18)
-    emd = build_emd("m", spec, tile_size=64, classes=ROAD, bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.3, provenance={})
-    return write_package(tmp_path_factory.mktemp("pkg") / "m", MultiTaskRoadModel(spec), emd)
+    return random_package(tmp_path_factory.mktemp("pkg") / "m", tile_size=64)
 
 
 @pytest.fixture(scope="module")
