@@ -419,7 +419,15 @@ def cpu_has_bf16() -> bool:
     Measured on 2 cores of an AMD EPYC with AVX512-BF16 and no AMX: a training step of the
     demo's U-Net/ResNet-18 1.6-1.8 times as fast as in float32, classification 1.75 times.
     Elsewhere bfloat16 is emulated on the CPU and slower than float32.
+    A CPU held below its own kernels (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``,
+    as to measure what an AVX2-only machine does) counts as what it is held to: its bfloat16
+    would be emulated there too.
     """
+    if not torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512"):  # honours ATEN_CPU_CAPABILITY
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in ("ALL", "DEFAULT") and not isa.startswith(("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")):
+        return False
     probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return any(bool(probe()) for probe in probes if probe is not None)
 

@@ -762,3 +762,14 @@ def test_eta_of_the_epochs_left():
     assert eta_text([10.0, 20.0, 30.0, 40.0], 3) == "about 1 min 30 s left"  # the mean of the last three epochs (30 s) x 3
     assert eta_text([5.0], 2) == "about 10 s left"
     assert eta_text([5.0], 0) == "last epoch" and eta_text([], 4) == ""
+
+
+def test_a_cpu_held_to_avx2_does_not_count_as_bfloat16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY below AVX-512 emulate an AVX2-only CPU: `auto` must then train in float32 as there."""
+    from roadxfer.train import amp_dtype
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_bf16() and amp_dtype(torch.device("cpu"), "auto") is None
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not cpu_has_bf16()
