@@ -217,6 +217,8 @@ def test_cpu_bfloat16_is_native_with_amx_or_avx512_bf16(monkeypatch, amx, avx512
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # whatever ISA this run is held to
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     cpu_has_bf16.cache_clear()  # cached: asked once per process
     try:
         assert cpu_has_bf16() is native
@@ -768,8 +770,18 @@ def test_a_cpu_held_to_avx2_does_not_count_as_bfloat16(monkeypatch):
     """ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY below AVX-512 emulate an AVX2-only CPU: `auto` must then train in float32 as there."""
     from roadxfer.train import amp_dtype
 
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not cpu_has_bf16() and amp_dtype(torch.device("cpu"), "auto") is None
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not cpu_has_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # a CPU with AMX...
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # ...held to AVX2 by oneDNN
+    cpu_has_bf16.cache_clear()  # cached: asked once per process
+    try:
+        assert not cpu_has_bf16() and amp_dtype(torch.device("cpu"), "auto") is None
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+        cpu_has_bf16.cache_clear()
+        assert cpu_has_bf16()
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ...or by ATEN_CPU_CAPABILITY
+        cpu_has_bf16.cache_clear()
+        assert not cpu_has_bf16()
+    finally:
+        cpu_has_bf16.cache_clear()
