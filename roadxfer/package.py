@@ -41,7 +41,6 @@ from .styles import complete_classes
 
 log = logging.getLogger(__name__)
 
-MAX_EMD_BYTES = 4 << 20  # a model definition is a few kB; the reference's with its history, under 100 kB
 
 
 def sha256_file(path: str | Path) -> str:
@@ -234,12 +233,11 @@ def model_file(emd: dict[str, Any], emd_path: Path) -> Path:
     return weights
 
 
-def check_finite(state: dict[str, torch.Tensor], weights: Path) -> None:
+def check_finite(state: dict[str, torch.Tensor], weights: Path, *, fix: str = "use another checkpoint of the model (a training run that diverged writes none)") -> None:
     """One NaN or infinite weight turns every pixel's output into NaN (an all-background map): refuse it."""
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise InputError(weights, f"holds NaN or infinite weights ({bad}): the model would classify every pixel as background",
-                         "use another checkpoint of the model (a training run that diverged writes none)")
+        raise InputError(weights, f"holds NaN or infinite weights ({bad}): the model would classify every pixel as background", fix)
 
 
 def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Package:
@@ -262,7 +260,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Pac
         pkg.path = path
         return pkg
     emd_path = _find_emd(path)
-    if emd_path.stat().st_size > MAX_EMD_BYTES:
+    if emd_path.stat().st_size > reference.MAX_EMD_BYTES:
         raise InputError(emd_path, f"model definition is {emd_path.stat().st_size / 1e6:.0f} MB; a .emd is a few kB", "use the package's own .emd")
     try:
         emd = json.loads(emd_path.read_text())

@@ -34,6 +34,7 @@ MAX_DLPK_BYTES = 8 << 30  # uncompressed: a model package is far smaller; refuse
 MAX_DLPK_MEMBERS = 10_000  # a package holds a few dozen files (charts, the model, its definition)
 MAX_DLPK_RATIO = 20  # unpacked model / archive size: weights compress by a few per cent, a zip bomb by thousands
 MAX_DLPK_SMALL = 64 << 20  # below this a model may unpack at any ratio
+MAX_EMD_BYTES = 4 << 20  # a model definition is a few kB; the reference's with its history, under 100 kB
 
 
 def is_reference_emd(emd: dict[str, Any]) -> bool:
@@ -134,7 +135,7 @@ def extract_dlpk(archive: Path, dest: Path) -> None:
         emd_name = next((k for k in emds if k == f"{stem}.emd"), emds[0])
         wanted = [emd_name]
         emd_info = files[emd_name]
-        if emd_info.file_size > 4 << 20:
+        if emd_info.file_size > MAX_EMD_BYTES:
             raise InputError(archive, f"its {emd_name} is {emd_info.file_size / 1e6:.0f} MB; a .emd is a few kB", "do not use this file")
         try:  # only to find ModelFile: the loader reads the .emd again and names what is wrong with it
             emd = json.loads(_read_member(zf, emd_info, archive).decode("utf-8", "replace"))

@@ -319,7 +319,7 @@ def write_report(
     if baseline in names and transfer in names:
         checked, kept = (summary, retention) if not replicates else (mean_over_replicates(summary, replicates), None if retention is None else mean_over_replicates(retention, replicates))
         t = targets(checked, baseline, transfer, control if control in names else None, kept, ev.get("retained_types") or (),
-                      imagenet if imagenet in names else None)
+                    imagenet if imagenet in names else None)
         if len(t):
             files["targets"] = t.to_csv(index=False).encode()
             parts += ["<h2>Did the transfer work?</h2>"]
@@ -364,7 +364,7 @@ def write_report(
                 files[f"before_after/{scene}.png"] = strip
                 figures += [f"<figure><img alt='{html.escape(scene)} side by side' src='{_uri(strip)}'><figcaption>{html.escape(scene)}, window rows {win.row_off}-{win.row_off + win.height}, "
                             f"columns {win.col_off}-{win.col_off + win.width}: input and each model's roads (red).</figcaption></figure>",
-                            f"<figure><img alt='{scene} base vs transfer' src='{_uri(gif, 'gif')}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
+                            f"<figure><img alt='{html.escape(scene)} base vs transfer' src='{_uri(gif, 'gif')}'><figcaption>The same window, switching between {baseline} and {transfer}.</figcaption></figure>"]
             if figures:
                 parts += [f"<h2>{title}</h2>"] + figures
     parts.append("<h2>Training curves</h2>")

@@ -81,7 +81,7 @@ def check_local_input(path: str | Path, *, vector: bool = False, _depth: int = 0
         if el.tag == "PixelFunctionLanguage" and (el.text or "").strip().lower() == "python":
             raise _refuse(path, "holds a pixel function in Python, which would run code")
         if el.tag in ("SourceFilename", "SrcDataSource", "SourceDataset"):
-            relative = el.get("relativeToVRT", el.get("relativeToVRT".lower(), "0")) == "1"
+            relative = (el.get("relativeToVRT") or el.get("relativetovrt") or "0") == "1"
             source = _local_source(el.text or "", path.parent if relative else None, path)
             if not source.is_file():
                 raise _refuse(path, f"names the source {el.text!r}, which is not a local file")

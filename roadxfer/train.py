@@ -751,15 +751,14 @@ def train(
             parent["reference_emd"] = pkg.reference_emd
         log.info("starting from pretrained package %s (sha256 %s…)", pkg.path, pkg.weights_sha256[:12])
         encoder_init = (pkg.emd.get("roadxfer") or {}).get("encoder_init")  # the lineage: where the parent's encoder started
+        if cfg.encoder_weights or cfg.encoder_checkpoint:
+            log.info("training.encoder_weights / encoder_checkpoint not used: the encoder starts from the pretrained model")
     else:
         mean, std = raw_pixel_scaling(data.bands) if spec.raw_input else data.band_stats()
         if cfg.encoder_checkpoint:
             load_encoder_checkpoint(model, cfg.encoder_checkpoint)
             encoder_init = {"source": "checkpoint", "file": str(cfg.encoder_checkpoint)}
-        elif cfg.encoder_weights == "imagenet":
-            if spec.arch == REFERENCE_ARCH:
-                raise InputError(None, f"training.encoder_weights: imagenet has no packaged weights for {REFERENCE_ARCH}'s ResNet-34",
-                                 "use arch linknet or unet with a timm-tf_efficientnet_lite0/1/2 backbone, or encoder_checkpoint with staged ResNet-34 weights")
+        elif cfg.encoder_weights == "imagenet":  # refused with the backbones that have them for any other (linknet34_mtl's ResNet-34 too)
             encoder_init = load_imagenet_encoder(model, spec.backbone)
             mean, std = imagenet_input_scaling(data.bands)  # the scaling the weights were trained with
     if cfg.freeze and not pretrained and not cfg.encoder_checkpoint and not cfg.encoder_weights:
