@@ -25,7 +25,7 @@ demo: $(STAMP)
 # then a float16 copy to share under resources/pretrained/ (README, "The shipped pretrained model").
 PRETRAINED := resources/pretrained/paved-unet-r18
 pretrain: $(STAMP)
-	$(BIN)/snakemake --workflow-profile profiles/local --configfile config/pretrain.yaml --cores $(CORES)
+	$(BIN)/snakemake --workflow-profile profiles/local --configfile experiments/pretrain.yaml --cores $(CORES)
 	$(BIN)/python -m roadxfer share results/models/base $(PRETRAINED)
 	sha256sum $(PRETRAINED)/$(notdir $(PRETRAINED)).pth
 

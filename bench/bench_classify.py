@@ -30,7 +30,8 @@ from common import make_package, tiled_demo_image  # noqa: E402
 from peak import peak_rss_mib  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene, model_predict_fn  # noqa: E402
 from roadxfer.package import load_package  # noqa: E402
-from roadxfer.train import PRECISIONS, amp_dtype, pick_device, precision_name, set_threads  # noqa: E402
+from roadxfer import PRECISIONS  # noqa: E402
+from roadxfer.device import amp_dtype, pick_device, precision_name, set_threads  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.classify import ClassifySettings, classify_scene  # noqa: E402
 from roadxfer.data import Augment, TileData, TrainSet, load_tiles  # noqa: E402
 from roadxfer.package import load_package  # noqa: E402
-from roadxfer.train import (  # noqa: E402
-    TrainConfig, _attach_io, amp_dtype, channels_last, make_optimizer, make_scaler, pick_device, precision_name, train, train_step,
-)
+from roadxfer.device import amp_dtype, channels_last, pick_device, precision_name  # noqa: E402
+from roadxfer.step import attach_io, make_optimizer, make_scaler, train_step  # noqa: E402
+from roadxfer.train import TrainConfig, train  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
@@ -103,7 +103,7 @@ def step_rate(pkg_path: Path, data: TileData, cfg: TrainConfig, dev: torch.devic
     cfg = TrainConfig(**{**cfg.__dict__, "precision": precision, "batch_size": batch})
     pkg = load_package(pkg_path, device=dev)
     model = pkg.model
-    _attach_io(model, pkg.mean, pkg.std, cfg.orientation_bin_size, dev)
+    attach_io(model, pkg.mean, pkg.std, cfg.orientation_bin_size, dev)
     if channels_last(dev):
         model.to(memory_format=torch.channels_last)
     model.freeze_encoder(frozen)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import make_package, tiled_demo_image  # noqa: E402
 from peak import peak_rss_mib  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene, merge_shards, shard_windows  # noqa: E402
-from roadxfer.train import PRECISIONS, amp_dtype, pick_device, precision_name  # noqa: E402
+from roadxfer import PRECISIONS  # noqa: E402
+from roadxfer.device import amp_dtype, pick_device, precision_name  # noqa: E402
 
 
 

@@ -33,7 +33,10 @@ from roadxfer.demo import write_scene  # noqa: E402
 from roadxfer.labels import LabelSettings, rasterize_scene  # noqa: E402
 from roadxfer.model import build_model  # noqa: E402
 from roadxfer.tiles import TileSettings, export_tiles  # noqa: E402
-from roadxfer.train import PRECISIONS, TrainConfig, _attach_io, amp_dtype, channels_last, keep_freed_memory, make_optimizer, make_scaler, model_spec, pick_device, precision_name, set_threads, train_step  # noqa: E402
+from roadxfer import PRECISIONS  # noqa: E402
+from roadxfer.device import amp_dtype, channels_last, keep_freed_memory, pick_device, precision_name, set_threads  # noqa: E402
+from roadxfer.step import attach_io, make_optimizer, make_scaler, train_step  # noqa: E402
+from roadxfer.train import model_spec, TrainConfig  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
@@ -106,7 +109,7 @@ def main() -> None:
         model = build_model(model_spec(cfg, bands=3, n_classes=1, pretrained_spec=None)).to(dev)
         if channels_last(dev):
             model.to(memory_format=torch.channels_last)
-        _attach_io(model, [0.5] * 3, [0.25] * 3, 10, dev)
+        attach_io(model, [0.5] * 3, [0.25] * 3, 10, dev)
         model.freeze_encoder(frozen)
         model.train()
         return model, make_optimizer(model, cfg, encoder_trainable=not frozen), make_scaler(dev, amp_dtype(dev, cfg.precision))

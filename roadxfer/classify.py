@@ -37,7 +37,7 @@ from .radiometry import Radiometry
 from .raster import ImageInfo, cell_size_metres, check_written, image_info, read_window, resampled_grid, scratch_profile, warped
 from .styles import classes_qml, colour_table, complete_classes, probability_qml, raster_tags, rat_aux_xml
 from .raster import tile_starts as starts
-from .train import amp_dtype, channels_last, pick_device, set_threads
+from .device import amp_dtype, channels_last, pick_device, set_threads
 
 log = logging.getLogger(__name__)
 

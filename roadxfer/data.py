@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,3 +207,20 @@ class TrainSet(torch.utils.data.Dataset):
         else:
             img = img.astype(np.float32) / 255.0
         return torch.from_numpy(img), torch.from_numpy(seg.astype(np.int64)), torch.from_numpy(ori.astype(np.int64))
+
+
+@contextlib.contextmanager
+def stage(datasets: Sequence[str | Path], enabled: bool) -> Iterator[list[Path]]:
+    """Copy tile folders to node-local scratch ($TMPDIR, as SLURM sets it) for the read, if asked."""
+    scratch = os.environ.get("TMPDIR")
+    if not enabled or not scratch:
+        yield [Path(d) for d in datasets]
+        return
+    with tempfile.TemporaryDirectory(prefix="roadxfer-stage-", dir=scratch) as tmp:
+        local = []
+        for i, d in enumerate(datasets):
+            dst = Path(tmp) / f"{i:03d}-{Path(d).name}"
+            shutil.copytree(d, dst)
+            local.append(dst)
+        log.info("staged %d tile folder(s) to %s", len(local), tmp)
+        yield local

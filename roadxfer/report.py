@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 from . import IGNORE_VALUE, __version__
 from .atomic import atomic_path
-from .train import code_version
+from .provenance import code_version
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.glue import run_logged  # noqa: E402
-from roadxfer.train import TrainConfig, train, training_processes  # noqa: E402
+from roadxfer.distributed import training_processes  # noqa: E402
+from roadxfer.train import train, TrainConfig  # noqa: E402
 
 sm = snakemake  # noqa: F821
 run_logged(

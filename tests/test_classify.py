@@ -351,7 +351,7 @@ def test_cell_size_is_recorded_and_compared_in_metres(tmp_path):
     from roadxfer.labels import LabelSettings, rasterize_scene
     from roadxfer.package import load_package
     from roadxfer.tiles import TileSettings, export_tiles, read_dataset
-    from roadxfer.train import TrainConfig, train
+    from roadxfer.train import train, TrainConfig
 
     deg = 0.3 / 111_320.0  # 0.3 m along a meridian
     image = make_raster(tmp_path / "geo.tif", size=(128, 128), cell=deg, crs="EPSG:4326", origin=(-115.0, 36.0))
@@ -497,7 +497,7 @@ def test_direction_off_skips_the_orientation_decoder_and_writes_nodata(tmp_path,
 
 def test_mixed_precision_classifies_as_float32_does(tmp_path, demo_scene):
     """precision auto (bfloat16 on a CPU with AMX or AVX512-BF16) gives the shipped model's float32 classes on all but a sliver of pixels."""
-    from roadxfer.train import cpu_has_bf16
+    from roadxfer.device import cpu_has_bf16
 
     image, _ = demo_scene
     out = {}

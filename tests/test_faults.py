@@ -29,7 +29,7 @@ from roadxfer.demo import write_scene
 from roadxfer.errors import InputError
 from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.tiles import TileSettings, export_tiles
-from roadxfer.train import TrainConfig, train
+from roadxfer.train import train, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]

@@ -21,7 +21,7 @@ from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.model import ModelSpec, build_model
 from roadxfer.package import load_package
 from roadxfer.tiles import TileSettings, export_tiles
-from roadxfer.train import TrainConfig, train
+from roadxfer.train import train, TrainConfig
 
 LITES = sorted(imagenet.SOURCES)
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

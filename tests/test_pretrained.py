@@ -60,16 +60,16 @@ def _jobs(text: str, rule: str) -> int:
 def test_demo_brings_the_shipped_model_and_pretraining_makes_it():
     demo = _dry_run("config/demo.yaml")
     assert _jobs(demo, "train_model") == 2  # transfer and scratch; the base model is the shipped package
-    pretrain = _dry_run("config/pretrain.yaml")
+    pretrain = _dry_run("experiments/pretrain.yaml")
     assert _jobs(pretrain, "train_model") == 1 and _jobs(pretrain, "demo_scene") == 48
-    tune = _dry_run("config/demo.yaml", "config/tune.yaml")
+    tune = _dry_run("config/demo.yaml", "experiments/tune.yaml")
     assert "demo_tune_01" in tune and "demo_final_01" not in tune
     assert _jobs(tune, "demo_scene") == 3 + 5 + 5 + 3  # base, retention for tuning, tuning, transfer scenes
-    holdout = _dry_run("config/demo.yaml", "config/holdout.yaml")
+    holdout = _dry_run("config/demo.yaml", "experiments/holdout.yaml")
     assert _jobs(holdout, "demo_scene") == _jobs(demo, "demo_scene") and _jobs(holdout, "train_model") == 2
     # The seed spread adds four models on top of the demo's two, with the demo's scenes. (compare.yaml
     # names the demo's tile folders, so it parses only after `make demo`.)
-    spread = _dry_run("config/demo.yaml", "config/tune.yaml", "config/spread.yaml")
+    spread = _dry_run("config/demo.yaml", "experiments/tune.yaml", "experiments/spread.yaml")
     assert _jobs(spread, "train_model") == 2 + 4 and _jobs(spread, "demo_scene") == _jobs(tune, "demo_scene")
 
 
@@ -78,7 +78,7 @@ def test_seed_sets_are_disjoint():
     import yaml
 
     def seeds(name: str) -> dict[str, int]:
-        cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+        cfg = yaml.safe_load((ROOT / ("config" if name == "config.yaml" else "experiments") / name).read_text())
         return {s: v["seed"] for s, v in cfg.get("demo", {}).get("scenes", {}).items()}
 
     demo, tune, holdout = seeds("config.yaml"), seeds("tune.yaml"), seeds("holdout.yaml")

@@ -19,7 +19,7 @@ from roadxfer.package import load_package
 from roadxfer.radiometry import Radiometry, Stretch
 from roadxfer.raster import image_info, read_window
 from roadxfer.tiles import TileSettings, export_tiles, read_dataset
-from roadxfer.train import TrainConfig, train
+from roadxfer.train import train, TrainConfig
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 

@@ -17,7 +17,7 @@ from roadxfer.classify import ClassifySettings, classify_scene
 from roadxfer.evaluate import EvalSettings, evaluate_scene
 from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.tiles import TileSettings, export_tiles, read_dataset
-from roadxfer.train import TrainConfig, train
+from roadxfer.train import train, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "spacenet-vegas"

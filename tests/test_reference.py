@@ -31,7 +31,7 @@ from roadxfer.model import ModelSpec, build_model, load_encoder_checkpoint, undi
 from roadxfer.orientation import target_lut
 from roadxfer.package import load_package
 from roadxfer.tiles import TileSettings, export_tiles, read_dataset, write_layout
-from roadxfer.train import TrainConfig, train
+from roadxfer.train import train, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "data" / "arcgis-mtre-linknet34"
@@ -243,7 +243,7 @@ def test_orientation_bins_map_between_the_tools():
 
 
 def test_orientation_loss_ignores_what_it_should():
-    from roadxfer.train import seg_orient_loss
+    from roadxfer.losses import seg_orient_loss
 
     seg = torch.zeros(1, 2, 2, 2)
     seg_t = torch.zeros(1, 2, 2, dtype=torch.long)

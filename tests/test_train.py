@@ -26,7 +26,10 @@ from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.model import ModelSpec, MultiTaskRoadModel
 from roadxfer.package import load_package, write_package
 from roadxfer.tiles import TileSettings, export_tiles
-from roadxfer.train import TrainConfig, cpu_has_bf16, find_lr, lr_factor, make_optimizer, train, valley
+from roadxfer.device import cpu_has_bf16
+from roadxfer.lr_schedule import find_lr, lr_factor, valley
+from roadxfer.step import make_optimizer
+from roadxfer.train import train, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
@@ -213,7 +216,7 @@ def test_loss_decreases_on_a_tiny_dataset(tiles, tmp_path, precision):
 
 @pytest.mark.parametrize(("amx", "avx512_bf16", "native"), [(True, False, True), (False, True, True), (False, False, False)])
 def test_cpu_bfloat16_is_native_with_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, native):
-    from roadxfer.train import cpu_has_bf16
+    from roadxfer.device import cpu_has_bf16
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
@@ -228,7 +231,7 @@ def test_cpu_bfloat16_is_native_with_amx_or_avx512_bf16(monkeypatch, amx, avx512
 
 def test_precision_choices(monkeypatch):
     """auto: bfloat16 on CPUs with AMX or AVX512-BF16 only (emulated elsewhere, slower than float32); fp16 needs CUDA."""
-    import roadxfer.train as tr
+    import roadxfer.device as tr
 
     cpu = torch.device("cpu")
     assert tr.amp_dtype(cpu, "fp32") is None and tr.amp_dtype(cpu, "bf16") is torch.bfloat16
@@ -377,7 +380,7 @@ def test_schedule_sets_every_groups_rate_and_the_package_records_it(tiles, base_
 def test_malloc_keeps_freed_memory_unless_the_user_set_it(monkeypatch):
     import ctypes
 
-    from roadxfer.train import keep_freed_memory
+    from roadxfer.device import keep_freed_memory
 
     assert keep_freed_memory.__wrapped__() is (hasattr(ctypes.CDLL(None), "mallopt"))  # glibc: applied
     monkeypatch.setenv("ROADXFER_MALLOC", "default")
@@ -559,7 +562,7 @@ def test_tiles_can_be_staged_on_node_local_scratch(tiles, tmp_path, monkeypatch,
 
 def test_direction_loss_counts_road_pixels_only():
     """Known answers: uniform bins cost ln(k) on road pixels; no-road and ignore pixels cost nothing."""
-    from roadxfer.train import direction_hits, direction_loss, seg_orient_loss
+    from roadxfer.losses import direction_hits, direction_loss, seg_orient_loss
 
     k = 18
     logp = torch.log_softmax(torch.zeros(1, k + 1, 2, 2), 1)
@@ -588,7 +591,7 @@ def test_direction_loss_counts_road_pixels_only():
 def test_rehearsal_background_the_model_calls_road_counts_in_no_loss():
     """Known answer: unlabelled background the model calls road (P >= threshold) is ignored; the rest stays background."""
     from roadxfer import IGNORE_VALUE, UNLABELLED_VALUE
-    from roadxfer.train import open_background, seg_orient_loss
+    from roadxfer.losses import open_background, seg_orient_loss
 
     p_road = torch.tensor([[[0.9, 0.5], [0.2, 0.9]]])
     logits = torch.stack([torch.log(1 - p_road), torch.log(p_road)], 1)
@@ -625,7 +628,7 @@ def test_validation_split_keeps_a_few_scenes_for_training():
 
 def test_rehearsal_mixes_a_share_of_old_tiles_into_each_epoch(tiles, base_package, tmp_path, caplog):
     """Each epoch holds every new training tile plus a fresh draw of rehearsal tiles making up the configured share."""
-    from roadxfer.train import epoch_indexes, rehearsal_count
+    from roadxfer.rehearsal import epoch_indexes, rehearsal_count
 
     assert rehearsal_count(30, 100, 0.25) == 10 and rehearsal_count(30, 4, 0.5) == 4 and rehearsal_count(30, 100, 0.0) == 0
     new, old = np.arange(30), np.arange(30, 130)
@@ -672,7 +675,8 @@ def _ddp_step(rank, world, port, out):
 
     import torch.distributed as dist
 
-    from roadxfer.train import _parallel, global_batches, train_step
+    from roadxfer.distributed import global_batches, parallel
+    from roadxfer.step import train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -680,7 +684,7 @@ def _ddp_step(rank, world, port, out):
         model, batch, cfg = _step_case()
         half = global_batches(4, 4, torch.Generator().manual_seed(3), drop_last=True, rank=rank, world=world)[0]
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), [t[half] for t in batch], torch.device("cpu"), cfg, forward=_parallel(model, world, torch.device("cpu")))
+        train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), [t[half] for t in batch], torch.device("cpu"), cfg, forward=parallel(model, world, torch.device("cpu")))
         if rank == 0:
             torch.save(model.state_dict(), out)
     finally:
@@ -688,11 +692,11 @@ def _ddp_step(rank, world, port, out):
 
 
 def _step_case():
-    from roadxfer.train import _attach_io
+    from roadxfer.step import attach_io
 
     torch.manual_seed(0)
     model = MultiTaskRoadModel(ModelSpec(arch="linknet", backbone="resnet18", in_channels=3, n_classes=1, orientation_bins=18))
-    _attach_io(model, [0.5] * 3, [0.25] * 3, 10, torch.device("cpu"))
+    attach_io(model, [0.5] * 3, [0.25] * 3, 10, torch.device("cpu"))
     model.eval()  # BatchNorm on running statistics: per-process batch statistics are what DDP cannot match on the CPU
     img = torch.rand(4, 3, 64, 64)
     seg = torch.zeros(4, 64, 64, dtype=torch.int64)
@@ -704,14 +708,15 @@ def _step_case():
 @pytest.mark.slow
 def test_ddp_step_equals_one_process_step(tmp_path):
     """Gradients of 2 gloo processes, 2 tiles each, are averaged into the step one process takes on all 4."""
-    from roadxfer.train import _free_port, global_batches, train_step
+    from roadxfer.distributed import free_port, global_batches
+    from roadxfer.step import train_step
 
     model, batch, cfg = _step_case()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     order = global_batches(4, 4, torch.Generator().manual_seed(3), drop_last=True)[0]
     train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), [t[order] for t in batch], torch.device("cpu"), cfg)
-    torch.multiprocessing.spawn(_ddp_step, args=(2, _free_port(), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_step, args=(2, free_port(), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     moved = max(float((model.state_dict()[k] - before[k]).abs().max()) for k in before if before[k].is_floating_point())
     gap = max(float((model.state_dict()[k] - ddp[k]).abs().max()) for k in before if before[k].is_floating_point())
@@ -721,7 +726,7 @@ def test_ddp_step_equals_one_process_step(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_end_to_end(tiles, tmp_path):
     """DistributedDataParallel on the CPU (gloo, 2 processes, 2 tiles each) against one process with batches of 4."""
-    from roadxfer.train import global_batches
+    from roadxfer.distributed import global_batches
 
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     whole = global_batches(10, 4, g(), drop_last=True)
@@ -743,7 +748,7 @@ def test_two_processes_train_end_to_end(tiles, tmp_path):
 def test_gpu_process_groups_reduce_cpu_tensors_with_gloo():
     """The epoch's loss sums and the stop flag are CPU tensors: on GPUs the group needs gloo for
     them beside NCCL (NCCL alone fails them at the end of the first epoch). No GPU here to run it."""
-    from roadxfer.train import process_group_backend
+    from roadxfer.distributed import process_group_backend
 
     assert dict(pair.split(":") for pair in process_group_backend(True).split(",")) == {"cpu": "gloo", "cuda": "nccl"}
     assert process_group_backend(False) == "gloo"
@@ -768,7 +773,7 @@ def test_eta_of_the_epochs_left():
 
 def test_a_cpu_held_to_avx2_does_not_count_as_bfloat16(monkeypatch):
     """ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY below AVX-512 emulate an AVX2-only CPU: `auto` must then train in float32 as there."""
-    from roadxfer.train import amp_dtype
+    from roadxfer.device import amp_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # a CPU with AMX...
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")

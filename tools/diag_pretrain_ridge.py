@@ -1,11 +1,11 @@
 """Does a label-free auxiliary target in pretraining give the frozen encoder features the transfer can use?
 
-  python bench/diag_pretrain_ridge.py --tiles DIR [DIR ...] --training training.json --out DIR \\
+  python tools/diag_pretrain_ridge.py --tiles DIR [DIR ...] --training training.json --out DIR \\
       [--aux-weight 1.0] [--epochs 36] [--device cuda] [--threads 8]
 
 A diagnostic, not a recipe. The base model is trained as ``make pretrain`` trains it
 (:func:`roadxfer.train.train`, ``--training``: the merged ``training`` settings of
-config/config.yaml + config/pretrain.yaml) with one addition while it trains: a small head
+config/config.yaml + experiments/pretrain.yaml) with one addition while it trains: a small head
 on the encoder's two deepest stages predicts, for each 16 x 16 pixel cell of a tile, how
 much of it is a thin ridge of the image itself (light and dark lines a few pixels across:
 multi-scale Hessian eigenvalues of the grey image less its slope, the top 5 % of each batch's responses).
@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import roadxfer.model as M  # noqa: E402
+import roadxfer.step as S  # noqa: E402
 import roadxfer.train as T  # noqa: E402
 from roadxfer.atomic import atomic_path  # noqa: E402
 from roadxfer.package import sha256_file, share_package  # noqa: E402
@@ -83,7 +84,7 @@ def ridge_density(img: torch.Tensor, size: tuple[int, int], quantile: float = 0.
 
 def patch(aux_weight: float):
     """Give MultiTaskRoadModel the auxiliary head and its loss while this process trains; returns the undo."""
-    init, fwd, loss = M.MultiTaskRoadModel.__init__, M.MultiTaskRoadModel.forward, T.seg_orient_loss
+    init, fwd, loss = M.MultiTaskRoadModel.__init__, M.MultiTaskRoadModel.forward, S.seg_orient_loss
 
     def __init__(self, spec):  # noqa: N807
         init(self, spec)
@@ -108,9 +109,9 @@ def patch(aux_weight: float):
         return out
 
     def undo() -> None:
-        M.MultiTaskRoadModel.__init__, M.MultiTaskRoadModel.forward, T.seg_orient_loss = init, fwd, loss
+        M.MultiTaskRoadModel.__init__, M.MultiTaskRoadModel.forward, S.seg_orient_loss = init, fwd, loss
 
-    M.MultiTaskRoadModel.__init__, M.MultiTaskRoadModel.forward, T.seg_orient_loss = __init__, forward, seg_orient_loss
+    M.MultiTaskRoadModel.__init__, M.MultiTaskRoadModel.forward, S.seg_orient_loss = __init__, forward, seg_orient_loss
     return undo
 
 

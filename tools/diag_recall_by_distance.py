@@ -1,6 +1,6 @@
 """Recall of each model's road mask by distance from the drawn centreline, per road type.
 
-  python bench/diag_recall_by_distance.py [RUN_DIR] [--scenes demo_final_01 demo_final_02]
+  python tools/diag_recall_by_distance.py [RUN_DIR] [--scenes demo_final_01 demo_final_02]
 
 RUN_DIR: a checkout where ``make demo`` ran (default: this one). Tells missed stretches
 (low recall right on the line) from thin masks (recall falling off towards the label's

@@ -1,6 +1,6 @@
 """Does pretraining that calls unpaved roads and trails background blind the frozen encoder to them?
 
-  python bench/diag_pretrain_blindness.py --corpus DIR --ignore-labels DIR --transfer T1 T2 T3 \\
+  python tools/diag_pretrain_blindness.py --corpus DIR --ignore-labels DIR --transfer T1 T2 T3 \\
       --training training.json --tune S1.tif S2.tif S3.tif [--pre-epochs 10] [--device cuda]
 
 A diagnostic, not a recipe: two base models are pretrained alike on the same corpus tiles
@@ -33,7 +33,8 @@ import rasterio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from roadxfer.classify import ClassifySettings, classify_scene  # noqa: E402
-from roadxfer.train import TrainConfig, pick_device, train  # noqa: E402
+from roadxfer.device import pick_device  # noqa: E402
+from roadxfer.train import train, TrainConfig  # noqa: E402
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 TYPES = {1: "paved", 2: "unpaved", 3: "trail"}

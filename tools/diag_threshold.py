@@ -1,9 +1,9 @@
 """Pixel F1 per road type of a model's probability raster at several decision thresholds.
 
-  python bench/diag_threshold.py [RUN_DIR] --model transfer --scenes demo_tune_01 ... [--retention demo_retain_01 ...]
+  python tools/diag_threshold.py [RUN_DIR] --model transfer --scenes demo_tune_01 ... [--retention demo_retain_01 ...]
 
 RUN_DIR: a checkout where the scenes were classified (default: this one; e.g. after
-``--configfile config/demo.yaml config/tune.yaml``). Scored as the evaluation does (buffered
+``--configfile config/demo.yaml experiments/tune.yaml``). Scored as the evaluation does (buffered
 reference, each pixel given to the nearest road type, counts summed over the scenes),
 on ``probability.tif`` thresholded at each value instead of the class raster. Tells
 whether false roads are doubtful (a higher ``classify.threshold`` would drop them) or

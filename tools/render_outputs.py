@@ -1,6 +1,6 @@
 """Draw a classified scene as it opens in a GIS, headless: prints what it used, writes a PNG.
 
-  python bench/render_outputs.py results/classified/transfer/demo_test_01 out.png
+  python tools/render_outputs.py results/classified/transfer/demo_test_01 out.png
 
 Uses only what the outputs carry: the input scene named in the tags, the colour table of
 ``classes.tif`` (background transparent as in its QGIS style), and the line colour of each
