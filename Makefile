@@ -22,7 +22,7 @@ demo: $(STAMP)
 	@echo "Demo finished. Report: $(CURDIR)/results/report/report.html (outputs under results/, logs/ and benchmarks/ mirror them)"
 
 # Re-make the shipped pretrained model (about 36 min on 2 AMX cores in bfloat16): 48 generated scenes,
-# then a float16 copy to share under resources/pretrained/ (README, "The shipped pretrained model").
+# then a float16 copy to share under resources/pretrained/ (docs/models.md, "The shipped pretrained model").
 PRETRAINED := resources/pretrained/paved-unet-r18
 pretrain: $(STAMP)
 	$(BIN)/snakemake --workflow-profile profiles/local --configfile experiments/pretrain.yaml --cores $(CORES)

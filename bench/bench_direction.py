@@ -9,7 +9,7 @@ then vectorised twice from the same rasters, bridging gaps by the skeleton's dir
 only (`bridge_direction: false`) and along the direction the model predicts (true), and
 both are scored with APLS against the scene's roads (the workflow's evaluation settings).
 
-The default seeds are the tuning scenes (README, "Seeds"): settings are chosen there.
+The default seeds are the tuning scenes (docs/demo.md, "Seeds"): settings are chosen there.
 Run it on the final test seeds (301 302) only once the settings are fixed.
 """
 

@@ -400,32 +400,3 @@ def _chip_path(root: Path, rel: str) -> Path:
         local = root / parts[-2] / parts[-1]
         return local if local.is_file() or not p.is_file() else p
     return root / rel
-
-
-def gather(datasets: Sequence[str | Path], out_manifest: str | Path, *, role: str) -> dict[str, Any]:
-    """Merge per-scene datasets of one role into one training manifest (JSON).
-
-    Checks that they agree on tile size, bands and classes, so training fails early
-    and names the odd one out.
-    """
-    read = [read_dataset(d) for d in datasets]
-    if not read:
-        raise InputError(None, f"no scene has role {role!r}", f"add rows with role {role} to the scene sheet")
-    ref = read[0]
-    for d in read[1:]:
-        if d.tile_size != ref.tile_size:
-            raise InputError(d.root, f"has {d.tile_size}px tiles, {ref.root} has {ref.tile_size}px", "export all scenes of a role with the same tile_size")
-        if d.bands != ref.bands:
-            raise InputError(d.root, f"has {d.bands} bands, {ref.root} has {ref.bands}", "use imagery with the same bands")
-    classes = {c["value"]: c for d in read for c in d.classes}
-    manifest = {
-        "role": role,
-        "tile_size": ref.tile_size,
-        "bands": ref.bands,
-        "classes": sorted(classes.values(), key=lambda c: c["value"]),
-        "datasets": [{"path": str(d.root), "scene_id": d.scene_id, "tiles": len(d.images), "cell_size": d.cell_size} for d in read],
-        "tiles": sum(len(d.images) for d in read),
-    }
-    with atomic_path(out_manifest) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
-    return manifest

@@ -8,7 +8,7 @@ sys.path.insert(0, workflow.basedir)
 
 from roadxfer.config import ROLES as SHEET_ROLES, check_config, check_plain
 from roadxfer.errors import InputError
-from roadxfer.sheet import TRAINING_ROLES, check_scene_sizes, check_sheet, read_sheet
+from roadxfer.sheet import check_scene_sizes, check_sheet, read_sheet
 from roadxfer.styles import complete_classes
 
 check_plain(config, source="config (merged --configfile files)")  # aliases and NaN, before the schema walks them
@@ -37,7 +37,6 @@ ROLES = sorted(set(scenes["role"]))
 
 wildcard_constraints:
     scene="|".join(scenes.index) if len(scenes) else "NO_SCENES",
-    role="|".join(TRAINING_ROLES),
     model="|".join(config["models"]) or "NO_MODELS",
     shard=r"r\d+c\d+",
 
@@ -63,10 +62,6 @@ def scene_row(wildcards):
     return scenes.loc[wildcards.scene]
 
 
-def role_tiles(wildcards):
-    return [f"results/tiles/{s}" for s in scenes_with_role(wildcards.role)]
-
-
 def res(family, key, default):
     """Portable resource from config['resources'][family]."""
     return config["resources"].get(family, {}).get(key, default)
@@ -81,9 +76,7 @@ def container_for(family):
 
 
 def all_targets():
-    targets = [f"results/datasets/{role}.json" for role in TRAINING_ROLES if scenes_with_role(role)]
-    targets += [f"results/labels/{s}/summary.json" for s in scenes_with_role("test")]
-    targets += [f"results/models/{m}" for m in config["models"] if not MODELS[m].get("package") and model_datasets(m)]
+    targets = [f"results/models/{m}" for m in config["models"] if not MODELS[m].get("package") and model_datasets(m)]
     targets += expand(
         "results/classified/{model}/{scene}/classes.tif",
         model=CLASSIFY_MODELS,

@@ -25,25 +25,3 @@ rule export_tiles:
         container_for("geo")
     script:
         "../scripts/export_tiles.py"
-
-
-rule gather_tiles:
-    """Merge the tile datasets of one role into one training manifest."""
-    input:
-        role_tiles,
-    output:
-        "results/datasets/{role}.json",
-    log:
-        "logs/datasets/{role}.log",
-    benchmark:
-        "benchmarks/datasets/{role}.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../envs/geo.yaml"
-    container:
-        container_for("geo")
-    script:
-        "../scripts/gather_tiles.py"

@@ -126,7 +126,7 @@ def test_every_rule_names_a_conda_env_and_a_container():
         for block in re.split(r"^rule ", smk.read_text(), flags=re.M)[1:]:
             name = block.split(":", 1)[0]
             rules[name] = block
-    assert {"demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model", "classify_scene"} <= set(rules)
+    assert {"demo_scene", "rasterize_labels", "export_tiles", "train_model", "classify_scene"} <= set(rules)
     for name, block in rules.items():
         env = re.search(r'conda:\s*\n\s*"\.\./(envs/[^"]+)"', block)
         assert env and (ROOT / env.group(1)).is_file(), f"rule {name} names no existing conda env"
@@ -141,7 +141,7 @@ def test_gpu_rules_request_a_gpu_and_cpu_rules_do_not():
     for rule in ("train_model", "classify_shard", "classify_scene"):
         block = text.split(f"rule {rule}:")[1].split("\nrule ")[0]
         assert re.search(r"gpu=res\(" if rule != "classify_scene" else r"gpu=classify_gpu", block), rule  # a sharded scene's join needs none
-    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles"):
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "evaluate_scene", "report"):
         block = text.split(f"rule {rule}:")[1].split("\nrule ")[0]
         assert "gpu=" not in block, rule
 

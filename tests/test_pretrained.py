@@ -74,7 +74,7 @@ def test_demo_brings_the_shipped_model_and_pretraining_makes_it():
 
 
 def test_seed_sets_are_disjoint():
-    """Pretraining, demo, tuning and holdout scenes never share a seed (README, "Seeds"); the holdout replaces the final scenes."""
+    """Pretraining, demo, tuning and holdout scenes never share a seed (docs/demo.md, "Seeds"); the holdout replaces the final scenes."""
     import yaml
 
     def seeds(name: str) -> dict[str, int]:

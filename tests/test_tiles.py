@@ -15,7 +15,7 @@ from shapely.geometry import LineString
 from roadxfer import IGNORE_VALUE
 from roadxfer.errors import InputError
 from roadxfer.labels import LabelSettings, rasterize_scene
-from roadxfer.tiles import TileSettings, export_tiles, gather, read_dataset, tile_windows
+from roadxfer.tiles import TileSettings, export_tiles, read_dataset, tile_windows
 from conftest import X0, Y0
 
 
@@ -128,18 +128,6 @@ def test_incomplete_folder_is_refused(tmp, missing):
     (tmp / "t" / missing).unlink()
     with pytest.raises(InputError, match=f"{missing} is missing"):
         read_dataset(tmp / "t")
-
-
-def test_gather_merges_and_checks_tile_sizes(tmp):
-    image, label, orient = scene(tmp)
-    export_tiles(image, label, orient, tmp / "a", TileSettings(tile_size=128, stride=128), scene_id="a")
-    export_tiles(image, label, orient, tmp / "b", TileSettings(tile_size=64, stride=64), scene_id="b")
-    manifest = gather([tmp / "a"], tmp / "m.json", role="base")
-    assert manifest["tiles"] == manifest["datasets"][0]["tiles"] > 0
-    assert json.loads((tmp / "m.json").read_text())["role"] == "base"
-    with pytest.raises(InputError, match=r"/b: has 64px tiles"):
-        gather([tmp / "a", tmp / "b"], tmp / "m2.json", role="base")
-    assert not (tmp / "m2.json").exists()
 
 
 def test_failed_export_leaves_no_folder(tmp):

@@ -48,7 +48,7 @@ def test_dry_run_of_the_whole_demo_workflow():
     out = smk("--dry-run", "--forceall", "--cores", "2")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "gather_tiles", "train_model", "classify_scene", "evaluate_scene", "aggregate_metrics", "report"):
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "train_model", "classify_scene", "evaluate_scene", "aggregate_metrics", "report"):
         assert rule in text
 
 

@@ -1,9 +1,0 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from roadxfer.glue import run_logged  # noqa: E402
-from roadxfer.tiles import gather  # noqa: E402
-
-sm = snakemake  # noqa: F821
-run_logged(sm, lambda: gather(list(sm.input), sm.output[0], role=sm.wildcards.role))
