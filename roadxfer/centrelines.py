@@ -36,6 +36,7 @@ from skimage.morphology import skeletonize
 
 from . import IGNORE_VALUE
 from .atomic import atomic_path
+from .config import default
 from .raster import cell_size_metres, padded_blocks
 from .vectors import local_utm
 from .roadmask import MaskSettings, MaskStats, clean_mask
@@ -397,13 +398,13 @@ def noise_warning(stats: MaskStats, length_m: float, cell_m: float, mesh_m: floa
 
 @dataclass(frozen=True)
 class VectorSettings:
-    min_length: float = 5.0  # metres: shorter side branches and networks are dropped
-    bridge: float = 10.0  # metres: dead ends are joined across gaps up to this long (0: never)
-    bridge_direction: bool = True  # with the model's direction raster: ends point along it
-    bridge_reach: float = 3.0  # such an end joins lines up to this many times `bridge` away ...
-    bridge_reach_angle: float = 25.0  # ... within this many degrees of where it points (both chosen on the tuning scenes)
-    snap: float = 2.0  # metres: junctions joined by a shorter edge become one
-    min_probability: float = 0.4  # networks whose mean road probability is lower are dropped (with a probability raster)
+    min_length: float = default("classify.min_line_length")  # metres: shorter side branches and networks are dropped
+    bridge: float = default("classify.bridge_gaps")  # metres: dead ends are joined across gaps up to this long (0: never)
+    bridge_direction: bool = default("classify.centrelines.bridge_direction")  # with the model's direction raster: ends point along it
+    bridge_reach: float = default("classify.centrelines.bridge_reach")  # such an end joins lines up to this many times `bridge` away ...
+    bridge_reach_angle: float = default("classify.centrelines.bridge_reach_angle")  # ... within this many degrees of where it points (both chosen on the tuning scenes)
+    snap: float = default("classify.centrelines.snap")  # metres: junctions joined by a shorter edge become one
+    min_probability: float = default("classify.centrelines.min_probability")  # networks whose mean road probability is lower are dropped (with a probability raster)
     simplify: float | None = None  # CRS units; default one cell
     mask: MaskSettings = field(default_factory=MaskSettings)
 

@@ -31,6 +31,7 @@ from rasterio.windows import Window
 from . import IGNORE_VALUE
 from .atomic import atomic_path, check_room, scratch_dir
 from .background_io import WriteBehind, read_ahead
+from .config import default
 from .errors import InputError
 from .package import Package, load_package
 from .radiometry import Radiometry
@@ -53,22 +54,22 @@ DIRECTION_CHANNELS = 2
 
 @dataclass(frozen=True)
 class ClassifySettings:
-    batch_size: int = 8
-    tile_size: int | None = None  # default: the model's
-    overlap: int | None = None  # pixels shared by neighbouring tiles; default tile/4
-    margin: int | None = None  # border pixels given no weight next to a neighbour; default overlap/4
-    tta: bool = False  # average over flips and 90-degree rotations
-    threshold: float | None = None  # road where P(road) >= threshold; default: most probable class
-    probability_dtype: str = "uint8"  # uint8 (0-250 = 0-1, 255 nodata) | float32
-    min_line_length: float = 5.0  # metres: shorter side branches and networks are dropped
-    bridge_gaps: float = 10.0  # metres: dead ends are joined across gaps up to this long
-    cell_size_tolerance: float = 2.0  # resample off: warn when scene and model cell sizes differ by more than this factor
-    resample: str = "auto"  # auto: on the model's grid when cell sizes differ by > 10% | always | off
+    batch_size: int = default("classify.batch_size")
+    tile_size: int | None = default("classify.tile_size")  # default: the model's
+    overlap: int | None = default("classify.overlap")  # pixels shared by neighbouring tiles; default tile/4
+    margin: int | None = default("classify.margin")  # border pixels given no weight next to a neighbour; default overlap/4
+    tta: bool = default("classify.tta")  # average over flips and 90-degree rotations
+    threshold: float | None = default("classify.threshold")  # road where P(road) >= threshold; default: most probable class
+    probability_dtype: str = default("classify.probability_dtype")  # uint8 (0-250 = 0-1, 255 nodata) | float32
+    min_line_length: float = default("classify.min_line_length")  # metres: shorter side branches and networks are dropped
+    bridge_gaps: float = default("classify.bridge_gaps")  # metres: dead ends are joined across gaps up to this long
+    cell_size_tolerance: float = default("classify.cell_size_tolerance")  # resample off: warn when scene and model cell sizes differ by more than this factor
+    resample: str = default("classify.resample")  # auto: on the model's grid when cell sizes differ by > 10% | always | off
     centrelines: dict[str, Any] | None = None  # road graph settings (classify.centrelines in the config)
-    direction: bool = True  # predict the road direction (runs the orientation decoder); off: the direction raster is all nodata
-    background_io: bool = True  # read the next strips and write the last ones in background threads while the model runs
+    direction: bool = default("classify.direction")  # predict the road direction (runs the orientation decoder); off: the direction raster is all nodata
+    background_io: bool = default("classify.background_io")  # read the next strips and write the last ones in background threads while the model runs
     device: str | None = None
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (roadxfer.train.amp_dtype)
+    precision: str = default("classify.precision")  # auto | fp32 | bf16 | fp16 (roadxfer.train.amp_dtype)
     bands: tuple[int, ...] | None = None  # 1-based image bands; default: the model's training bands, else all but alpha
     rescale: dict[str, Any] | None = None  # image.rescale settings; default: the model's own (recorded in its package)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import PRECISIONS
 from .atomic import refuse_overlap
+from .config import default, describe, schema_node
 from .errors import InputError
 
 
@@ -86,37 +87,54 @@ def _rescale(a: argparse.Namespace) -> dict | None:
     return {"method": a.rescale, "percentiles": a.percentiles, "low": a.low, "high": a.high, "max_clipped": a.max_clipped}
 
 
+def labels_config(a: argparse.Namespace) -> dict:
+    """The ``labels:`` config section the options stand for (the workflow builds its settings from the same)."""
+    return {"buffer_radius": a.buffer, "class_field": a.class_field, "class_value": a.class_value, "orientation_bin_size": a.orientation_bin_size}
+
+
+def tiles_config(a: argparse.Namespace) -> dict:
+    """The ``tiles:`` config section the options stand for."""
+    return {"tile_size": a.tile_size, "stride": a.stride, "keep": a.keep, "label_nodata": a.label_nodata, "chip_format": a.chip_format}
+
+
+def classify_config(a: argparse.Namespace) -> dict:
+    """The ``classify:`` config section the options stand for."""
+    return {"threshold": a.threshold, "tta": a.tta, "tile_size": a.tile_size, "batch_size": a.batch_size, "precision": a.precision, "resample": a.resample}
+
+
 def _labels(a: argparse.Namespace) -> dict:
-    from .labels import LabelSettings, rasterize_scene
+    from .labels import rasterize_scene
+    from .settings import label_settings
 
     out = _outdir(a.outdir)
     refuse_overlap({"OUTDIR/label.tif": out / "label.tif", "OUTDIR/orientation.tif": out / "orientation.tif", "OUTDIR/summary.json": out / "summary.json"},
                    {"IMAGE": a.image, "LINES": a.lines})
-    settings = LabelSettings(buffer_radius=a.buffer, class_field=a.class_field, class_value=a.class_value, orientation_bin_size=a.orientation_bin_size)
+    settings = label_settings(labels_config(a), classes=None)
     return rasterize_scene(a.image, a.lines, out / "label.tif", out / "orientation.tif", out / "summary.json", settings, layer=a.layer, where=a.where,
                            image_kwargs=_image_kwargs(a))
 
 
 def _export(a: argparse.Namespace) -> dict:
     from .radiometry import Radiometry
-    from .tiles import TileSettings, export_tiles
+    from .settings import tile_settings
+    from .tiles import export_tiles
 
     labels = Path(a.labeldir)
     refuse_overlap({"OUTDIR": a.outdir}, {"IMAGE": a.image, "LABELDIR/label.tif": labels / "label.tif", "LABELDIR/orientation.tif": labels / "orientation.tif"})
-    settings = TileSettings(tile_size=a.tile_size, stride=a.stride, keep=a.keep, label_nodata=a.label_nodata, chip_format=a.chip_format,
-                            classes=({"value": 1, "name": a.class_name, "color": [255, 0, 0]},))
+    classes = [{**default("classes")[0], "name": a.class_name}]
+    settings = tile_settings(tiles_config(a), classes, default("labels.orientation_bin_size"))
     stats = export_tiles(a.image, labels / "label.tif", labels / "orientation.tif", a.outdir, settings, scene_id=Path(a.image).stem,
                          image_kwargs=_image_kwargs(a), radiometry=Radiometry.from_config(_rescale(a)))
     return {"tiles": stats["NumTiles"], "folder": str(a.outdir)}
 
 
 def _classify(a: argparse.Namespace) -> dict:
-    from .classify import ClassifySettings, classify_scene
+    from .classify import classify_scene
+    from .settings import classify_settings
 
     out = _outdir(a.outdir)
     refuse_overlap({f"OUTDIR/{n}": out / n for n in ("classes.tif", "probability.tif", "direction.tif", "centrelines.gpkg")}, {"IMAGE": a.image, "MODEL": a.model})
-    settings = ClassifySettings(threshold=a.threshold, tta=a.tta, tile_size=a.tile_size, batch_size=a.batch_size, device=a.device, precision=a.precision,
-                                bands=tuple(a.bands) if a.bands else None, rescale=_rescale(a), resample=a.resample)
+    settings = classify_settings(classify_config(a), {"bands": a.bands}, device=a.device, rescale=_rescale(a))
     return classify_scene(a.image, a.model, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
                          out_direction=out / "direction.tif",
                           settings=settings, threads=a.threads)
@@ -152,61 +170,70 @@ def _share(a: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line; defaults and help of the options that are config keys come from the config schema."""
     ap = argparse.ArgumentParser(prog="python -m roadxfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("labels", help="step 1: burn buffered lines into label and orientation rasters on the image's grid")
-    p.add_argument("image"), p.add_argument("lines"), p.add_argument("outdir")
-    p.add_argument("--buffer", type=_number(float, 0, low_open=True), default=2.0, help="buffer radius in the lines' linear units (metres for geographic lines); default 2")
-    p.add_argument("--class-field", default="Classvalue", help="integer field with class values (default Classvalue)")
-    p.add_argument("--class-value", type=_number(int, 1, 254), default=None, help="one class value for every line instead of --class-field")
-    p.add_argument("--layer", default=None), p.add_argument("--where", default=None, help="OGR SQL WHERE clause selecting the lines")
-    p.add_argument("--orientation-bin-size", type=int, choices=[5, 6, 9, 10, 15, 18, 30, 45, 90], default=10, help="degrees per direction bin over 0-180 (divides 90); default 10")
+    p.add_argument("image", help="the scene (GeoTIFF or any raster GDAL reads)"), p.add_argument("lines", help="the polylines (any vector format OGR reads)")
+    p.add_argument("outdir", help="folder for label.tif, orientation.tif and summary.json")
+    p.add_argument("--buffer", type=_number(float, 0, low_open=True), default=default("labels.buffer_radius"), help=describe("labels.buffer_radius"))
+    p.add_argument("--class-field", default=default("labels.class_field"), help=describe("labels.class_field"))
+    p.add_argument("--class-value", type=_number(int, 1, 254), default=default("labels.class_value"), help=describe("labels.class_value", extra=": --class-field is used"))
+    p.add_argument("--layer", default=None, help="layer of LINES (default: its only layer)")
+    p.add_argument("--where", default=None, help="OGR SQL WHERE clause selecting the lines (default: every line)")
+    p.add_argument("--orientation-bin-size", type=int, choices=schema_node("labels.orientation_bin_size")["enum"], default=default("labels.orientation_bin_size"),
+                   help=describe("labels.orientation_bin_size"))
     p.set_defaults(run=_labels)
 
     p = sub.add_parser("export", help="step 2: cut the image and labels into classified tiles (the reference tool's layout)")
-    p.add_argument("image"), p.add_argument("labeldir", help="folder written by `labels`"), p.add_argument("outdir")
-    p.add_argument("--tile-size", type=_number(int, 32, multiple=32), default=256, help="chip size in pixels, a multiple of 32; default 256")
-    p.add_argument("--stride", type=_number(int, 1), default=128, help="pixels between chip origins; default 128")
-    p.add_argument("--keep", choices=["features", "all"], default="features")
-    p.add_argument("--label-nodata", type=int, choices=[255, 0], default=255, help="0 for tiles meant for the reference tool")
-    p.add_argument("--chip-format", choices=["tif", "png"], default="tif"), p.add_argument("--class-name", default="road")
+    p.add_argument("image", help="the scene the labels were made on"), p.add_argument("labeldir", help="folder written by `labels`")
+    p.add_argument("outdir", help="folder for the tiles (new, empty, or a previous export)")
+    p.add_argument("--tile-size", type=_number(int, 32, multiple=32), default=default("tiles.tile_size"), help=describe("tiles.tile_size"))
+    p.add_argument("--stride", type=_number(int, 1), default=default("tiles.stride"), help=describe("tiles.stride"))
+    p.add_argument("--keep", choices=["features", "all"], default=default("tiles.keep"), help="which chips to keep: features (with a labelled pixel) or all (default: \"features\")")
+    p.add_argument("--label-nodata", type=int, choices=[255, 0], default=default("tiles.label_nodata"), help=describe("tiles.label_nodata"))
+    p.add_argument("--chip-format", choices=schema_node("tiles.chip_format")["enum"], default=default("tiles.chip_format"), help=describe("tiles.chip_format"))
+    p.add_argument("--class-name", default=default("classes")[0]["name"], help="name of class 1 in the tiles' model definition (default: \"road\")")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("classify", help="step 4: classify a whole scene (class, probability and road direction COGs, centrelines)")
-    p.add_argument("image"), p.add_argument("model", help="package folder, .emd or .dlpk"), p.add_argument("outdir")
-    p.add_argument("--threshold", type=_number(float, 0, 1), default=None, help="road where P(road) >= this (0-1); default: the most probable class")
-    p.add_argument("--tta", action="store_true")
-    p.add_argument("--tile-size", type=_number(int, 32, multiple=32), default=None, help="tile size in pixels, a multiple of 32; default: the model's")
-    p.add_argument("--batch-size", type=_number(int, 1), default=8)
+    p.add_argument("image", help="the scene to classify"), p.add_argument("model", help="package folder, .emd or .dlpk")
+    p.add_argument("outdir", help="folder for classes.tif, probability.tif, direction.tif and centrelines.gpkg")
+    p.add_argument("--threshold", type=_number(float, 0, 1), default=default("classify.threshold"), help=describe("classify.threshold"))
+    p.add_argument("--tta", action="store_true", default=default("classify.tta"), help=describe("classify.tta"))
+    p.add_argument("--tile-size", type=_number(int, 32, multiple=32), default=default("classify.tile_size"), help=describe("classify.tile_size"))
+    p.add_argument("--batch-size", type=_number(int, 1), default=default("classify.batch_size"), help=describe("classify.batch_size"))
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="mixed precision (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere)")
-    p.add_argument("--threads", type=_number(int, 1), default=1)
-    p.add_argument("--resample", choices=["auto", "always", "off"], default="auto",
-                   help="auto: classify on the model's cell size when the scene's differs by >10%% (outputs on the scene's grid); off: as is")
+    p.add_argument("--precision", default=default("classify.precision"), choices=PRECISIONS, help=describe("classify.precision"))
+    p.add_argument("--threads", type=_number(int, 1), default=1, help="CPU threads (default: 1)")
+    p.add_argument("--resample", choices=schema_node("classify.resample")["enum"], default=default("classify.resample"), help=describe("classify.resample"))
     p.set_defaults(run=_classify)
 
     p = sub.add_parser("evaluate", help="step 5: pixel metrics and APLS of a classified scene against reference lines")
-    p.add_argument("image"), p.add_argument("classified", help="folder written by `classify`"), p.add_argument("lines"), p.add_argument("out", help="metrics JSON to write")
-    p.add_argument("--buffer", type=_number(float, 0, low_open=True), default=2.0, help="buffer radius of the reference lines; default 2")
-    p.add_argument("--road-type-field", default=None)
-    p.add_argument("--layer", default=None), p.add_argument("--where", default=None)
-    p.add_argument("--ignore", type=_window, nargs="*", help="windows ROW,COL,HEIGHT,WIDTH left out (e.g. a burned-in logo)")
+    p.add_argument("image", help="the classified scene"), p.add_argument("classified", help="folder written by `classify`")
+    p.add_argument("lines", help="reference polylines"), p.add_argument("out", help="metrics JSON to write")
+    p.add_argument("--buffer", type=_number(float, 0, low_open=True), default=default("labels.buffer_radius"), help="buffer radius of the reference lines, as labels.buffer_radius "
+                   f"(default: {default('labels.buffer_radius')})")
+    p.add_argument("--road-type-field", default=None, help="field of LINES with the road type, scored per type (default: none: all lines one type)")
+    p.add_argument("--layer", default=None, help="layer of LINES (default: its only layer)")
+    p.add_argument("--where", default=None, help="OGR SQL WHERE clause selecting the reference lines (default: every line)")
+    p.add_argument("--ignore", type=_window, nargs="*", help="windows ROW,COL,HEIGHT,WIDTH left out, e.g. a burned-in logo (default: none)")
     p.set_defaults(run=_evaluate)
 
     for name, p in sub.choices.items():
-        p.add_argument("--bands", type=_bands, default=None, help="1-based image bands to use, in order, e.g. 3,2,1 (default: every band but the alpha)")
+        p.add_argument("--bands", type=_bands, default=default("image.bands"), help="1-based image bands to use, in order, e.g. 3,2,1 (default: every band but the alpha)")
         if name in ("export", "classify"):
-            p.add_argument("--rescale", choices=["auto", "none", "percentile", "minmax", "fixed"], default="auto" if name == "export" else None,
-                           help="rescale to 8 bits (export default auto: none for 8-bit imagery, else percentiles; classify default: the model's own)")
-            p.add_argument("--percentiles", type=_numbers, default=[2.0, 98.0], help="with percentile: LOW,HIGH (default 2,98)")
-            p.add_argument("--low", type=_numbers, default=None, help="with fixed: raw values mapped to 0 (one, or one per band)")
-            p.add_argument("--high", type=_numbers, default=None, help="with fixed: raw values mapped to 255")
-            p.add_argument("--max-clipped", type=_number(float, 0, 1), default=0.5, help="refuse a rescale clipping more than this share of pixels (default 0.5)")
+            p.add_argument("--rescale", choices=schema_node("image.rescale.method")["enum"], default=default("image.rescale.method") if name == "export" else None,
+                           help=describe("image.rescale.method") if name == "export" else "rescale to 8 bits as image.rescale.method (default: the model's own, recorded in its package)")
+            p.add_argument("--percentiles", type=_numbers, default=default("image.rescale.percentiles"), help=describe("image.rescale.percentiles"))
+            p.add_argument("--low", type=_numbers, default=default("image.rescale.low"), help=describe("image.rescale.low"))
+            p.add_argument("--high", type=_numbers, default=default("image.rescale.high"), help=describe("image.rescale.high"))
+            p.add_argument("--max-clipped", type=_number(float, 0, 1), default=default("image.rescale.max_clipped"), help=describe("image.rescale.max_clipped"))
 
     p = sub.add_parser("share", help="copy a trained package as one to share: float16 weights (half the size), checksummed")
     p.add_argument("model", help="roadxfer package folder or .emd"), p.add_argument("out", help="package folder to write")
-    p.add_argument("--float32", action="store_true", help="keep float32 weights")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights (default: float16)")
     p.set_defaults(run=_share)
     return ap
 

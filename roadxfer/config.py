@@ -7,6 +7,9 @@ settings each model trains with), and rules across fields, each with the fix.
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,8 +24,58 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 ROLES = ("base", "transfer", "test", "predict", "retention")
 
 
-def _schema() -> dict[str, Any]:
+@functools.cache
+def _read_schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA.read_text())
+
+
+def _schema() -> dict[str, Any]:
+    return copy.deepcopy(_read_schema())
+
+
+def schema_node(path: str) -> dict[str, Any]:
+    """The schema of a dotted config key, e.g. ``classify.batch_size``."""
+    node = _read_schema()
+    for part in path.split("."):
+        try:
+            node = node["properties"][part]
+        except KeyError:
+            raise KeyError(f"{path}: no such key in {SCHEMA.name}") from None
+    return node
+
+
+def default(path: str) -> Any:
+    """The default of a config key, from the schema: the one place defaults are written (settings
+    classes, the command line and ``config/README.md`` take theirs from here)."""
+    node = schema_node(path)
+    if "default" not in node:
+        raise KeyError(f"{path}: {SCHEMA.name} gives no default")
+    return copy.deepcopy(node["default"])
+
+
+def describe(path: str, *, extra: str = "") -> str:
+    """A command-line help text: the key's description in the schema and its default."""
+    node = schema_node(path)
+    text = " ".join(str(node.get("description", "")).split())
+    if "default" in node:
+        text += f" (default: {json.dumps(node['default'])}{extra})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the schema's defaults filled in at every level (as the workflow's validation does)."""
+    return _fill(_read_schema(), copy.deepcopy(dict(config)))
+
+
+def _fill(node: Mapping[str, Any], value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    for key, sub in node.get("properties", {}).items():
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            value[key] = _fill(sub, value[key])
+    return value
 
 
 MAX_CONFIG_VALUES = 100_000  # a workflow config holds a few hundred; the demo's pretraining sheet, a few thousand

@@ -34,6 +34,7 @@ from scipy import ndimage
 from . import IGNORE_VALUE
 from .apls import apls
 from .atomic import atomic_path
+from .config import default
 from .labels import buffer_in_crs
 from .errors import InputError
 from .raster import ImageInfo, image_info, padded_blocks, read_window
@@ -51,10 +52,10 @@ DIRECTION_TOLERANCE = 15.0
 
 @dataclass(frozen=True)
 class EvalSettings:
-    road_type_field: str = "road_type"
-    road_types: Sequence[str] = ()  # empty: every value found
+    road_type_field: str = default("evaluation.road_type_field")
+    road_types: Sequence[str] = field(default_factory=lambda: tuple(default("evaluation.road_types")))  # empty: every value found
     buffer_radius: float = 2.0
-    relaxed_pixels: float = 3.0
+    relaxed_pixels: float = default("evaluation.relaxed_pixels")
     apls_spacing: float = 10.0
     apls_snap: float = 4.0
     apls_max_pairs: int = 1000

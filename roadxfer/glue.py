@@ -1,17 +1,16 @@
-"""What every Snakemake script needs: logging to the rule's log file, and settings from config."""
+"""What every Snakemake script needs: logging to the rule's log file, and a GPU when the rule asked for one.
+
+Settings objects come from :mod:`roadxfer.settings`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from .errors import InputError
-from .labels import LabelSettings
-from .radiometry import Radiometry
-from .tiles import TileSettings
 
 
 def run_logged(snakemake: Any, main: Callable[[], object]) -> None:
@@ -58,51 +57,3 @@ def check_gpu(snakemake: Any) -> None:
         return
     raise InputError(None, problem, "run on a GPU node (check the profile's partition / gpu_model), set the rule family's gpu to 0 under `resources:` "
                                     "in the config, or set resources.cpu_fallback: true to run on the CPU anyway")
-
-
-def image_kwargs(image_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The checks of ``image:`` in the config, as keyword arguments of :func:`roadxfer.raster.image_info`."""
-    bands = image_cfg.get("bands")
-    count = len(bands) if bands else int(image_cfg.get("band_count", 3))
-    return {"allowed_band_counts": (count,), "allowed_dtypes": tuple(image_cfg.get("dtypes", ["uint8"])), "bands": tuple(bands) if bands else None}
-
-
-def radiometry(image_cfg: Mapping[str, Any]) -> Radiometry:
-    return Radiometry.from_config(image_cfg.get("rescale"))
-
-
-def label_settings(labels_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]]) -> LabelSettings:
-    return LabelSettings(
-        buffer_radius=float(labels_cfg.get("buffer_radius", 2.0)),
-        orientation_bin_size=int(labels_cfg.get("orientation_bin_size", 10)),
-        class_field=labels_cfg.get("class_field", "Classvalue"),
-        class_value=labels_cfg.get("class_value"),
-        class_map=labels_cfg.get("class_map"),
-        known_values=frozenset(int(c["value"]) for c in classes),
-    )
-
-
-def tile_settings(tiles_cfg: Mapping[str, Any], classes: list[Mapping[str, Any]], bin_size: int) -> TileSettings:
-    return TileSettings(
-        tile_size=int(tiles_cfg.get("tile_size", 256)),
-        stride=int(tiles_cfg.get("stride", 128)),
-        keep=tiles_cfg.get("keep", "features"),
-        empty_fraction=float(tiles_cfg.get("empty_fraction", 0.0)),
-        max_nodata_fraction=float(tiles_cfg.get("max_nodata_fraction", 0.5)),
-        rotations=tuple(tiles_cfg.get("rotations", ())),
-        chip_format=tiles_cfg.get("chip_format", "tif"),
-        seed=int(tiles_cfg.get("seed", 0)),
-        classes=tuple(dict(c) for c in classes),
-        orientation_bin_size=bin_size,
-        label_nodata=int(tiles_cfg.get("label_nodata", 255)),
-        cell_size=tiles_cfg.get("cell_size"),
-    )
-
-
-def classify_settings(cfg: Mapping[str, Any], image_cfg: Mapping[str, Any] | None = None) -> Any:
-    """Classification settings; the bands come from ``image.bands`` (the rescale from the model's package)."""
-    from .classify import ClassifySettings
-
-    keys = ("batch_size", "tile_size", "overlap", "margin", "tta", "threshold", "probability_dtype", "min_line_length", "bridge_gaps", "resample", "cell_size_tolerance", "centrelines", "direction", "background_io", "precision")
-    bands = (image_cfg or {}).get("bands")
-    return ClassifySettings(**{k: cfg[k] for k in keys if k in cfg}, bands=tuple(bands) if bands else None)

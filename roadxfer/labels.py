@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from . import IGNORE_VALUE
 from .atomic import atomic_path
+from .config import default
 from .errors import InputError
 from .orientation import angle_bin
 from .raster import GTIFF_PROFILE, block_windows, check_written, image_info, read_window
@@ -41,11 +42,11 @@ BLOCK = 1024  # rows/cols processed at once: bounds memory whatever the scene si
 
 @dataclass(frozen=True)
 class LabelSettings:
-    buffer_radius: float = 2.0
-    orientation_bin_size: int = 10
-    class_field: str | None = "Classvalue"
-    class_value: int | None = None
-    class_map: Mapping[str, Any] | None = None
+    buffer_radius: float = default("labels.buffer_radius")
+    orientation_bin_size: int = default("labels.orientation_bin_size")
+    class_field: str | None = default("labels.class_field")
+    class_value: int | None = default("labels.class_value")
+    class_map: Mapping[str, Any] | None = default("labels.class_map")
     known_values: frozenset[int] | None = None
 
     @property

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .config import default
+
 EIGHT = np.ones((3, 3), bool)
 
 
 @dataclass(frozen=True)
 class MaskSettings:
-    high: float = 0.5  # P(road) of the seeds
-    low: float = 0.4  # P(road) a seed grows into
-    hole_area: float = 4.0  # m²: holes smaller than this are filled
-    min_area: float = 4.0  # m²: blobs smaller than this are dropped (specks; road stubs between gaps stay, to be bridged)
+    high: float = default("classify.centrelines.high")  # P(road) of the seeds
+    low: float = default("classify.centrelines.low")  # P(road) a seed grows into
+    hole_area: float = default("classify.centrelines.hole_area")  # m²: holes smaller than this are filled
+    min_area: float = default("classify.centrelines.min_area")  # m²: blobs smaller than this are dropped (specks; road stubs between gaps stay, to be bridged)
 
 
 @dataclass

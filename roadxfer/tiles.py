@@ -30,6 +30,7 @@ from rasterio.windows import transform as window_transform
 
 from . import IGNORE_VALUE
 from .atomic import atomic_path
+from .config import default
 from .errors import InputError
 from .orientation import rotate_bins
 from .radiometry import Radiometry
@@ -42,24 +43,24 @@ LAYOUT_FILES = ("map.txt", "esri_accumulated_stats.json", "esri_model_definition
 
 @dataclass(frozen=True)
 class TileSettings:
-    tile_size: int = 256
-    stride: int = 128
-    keep: str = "features"  # "features" | "all" | "fraction"
-    empty_fraction: float = 0.0  # with keep == "fraction": share of feature-less tiles kept
-    max_nodata_fraction: float = 0.5
+    tile_size: int = default("tiles.tile_size")
+    stride: int = default("tiles.stride")
+    keep: str = default("tiles.keep")  # "features" | "all" | "fraction"
+    empty_fraction: float = default("tiles.empty_fraction")  # with keep == "fraction": share of feature-less tiles kept
+    max_nodata_fraction: float = default("tiles.max_nodata_fraction")
     min_feature_pixels: int = 1
-    rotations: tuple[int, ...] = ()  # extra copies rotated by these multiples of 90 degrees
-    chip_format: str = "tif"  # "tif" | "png"
-    seed: int = 0
+    rotations: tuple[int, ...] = field(default_factory=lambda: tuple(default("tiles.rotations")))  # extra copies rotated by these multiples of 90 degrees
+    chip_format: str = default("tiles.chip_format")  # "tif" | "png"
+    seed: int = default("tiles.seed")
     classes: Sequence[Mapping[str, Any]] = field(default_factory=lambda: ({"value": 1, "name": "road", "color": [255, 0, 0]},))
-    orientation_bin_size: int = 10
+    orientation_bin_size: int = default("labels.orientation_bin_size")
     # Value written in label chips where the image is nodata. 255 (ours) is ignored in
     # training; the reference tool's trainer takes every non-zero label for road, so an
     # export meant for it writes 0 (background) there instead.
     label_nodata: int = IGNORE_VALUE
     # Cell size of the chips in metres (the reference export tool's cell size); None: the scene's.
     # The scene is resampled on the fly (average when coarsening, bilinear when refining; labels nearest).
-    cell_size: float | None = None
+    cell_size: float | None = default("tiles.cell_size")
 
 
 def tile_windows(width: int, height: int, tile: int, stride: int) -> Iterator[Window]:

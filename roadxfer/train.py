@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from . import UNLABELLED_VALUE, __version__
 from .checkpoint import RESUME_NEUTRAL, Stopped, load_checkpoint, save_checkpoint, stop_requests
+from .config import default
 from .data import Augment, TileData, TrainSet, load_tiles, split, stage
 from .device import amp_dtype, channels_last, pick_device, precision_name, set_threads
 from .distributed import free_port, global_batches, is_distributed, parallel, process_group_backend
@@ -54,39 +55,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "linknet"
-    backbone: str = "resnet34"
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float | str = 1e-3  # or "auto": the LR range test picks it (find_lr)
-    lr_schedule: str = "constant"  # constant | one_cycle | cosine (lr_factor)
-    weight_decay: float = 1e-4
-    patience: int = 5
-    val_fraction: float = 0.2
-    val_split: str = "auto"  # auto | tile | scene
-    seed: int = 42
-    orientation_weight: float = 1.0
-    direction_weight: float = 1.0  # extra cross-entropy of the direction bins on road pixels only
-    dice_weight: float = 1.0
+    arch: str = default("training.arch")
+    backbone: str = default("training.backbone")
+    epochs: int = default("training.epochs")
+    batch_size: int = default("training.batch_size")
+    lr: float | str = default("training.lr")  # or "auto": the LR range test picks it (find_lr)
+    lr_schedule: str = default("training.lr_schedule")  # constant | one_cycle | cosine (lr_factor)
+    weight_decay: float = default("training.weight_decay")
+    patience: int = default("training.patience")
+    val_fraction: float = default("training.val_fraction")
+    val_split: str = default("training.val_split")  # auto | tile | scene
+    seed: int = default("training.seed")
+    orientation_weight: float = default("training.orientation_weight")
+    direction_weight: float = default("training.direction_weight")  # extra cross-entropy of the direction bins on road pixels only
+    dice_weight: float = default("training.dice_weight")
     freeze: bool = False
-    unfreeze_after: int | None = None
-    unfreeze_lr_factor: float = 0.1
-    train_bn: bool = False  # frozen encoder: its BatchNorm layers still learn (fastai's freeze)
-    trainable_stages: tuple[str, ...] = ()  # frozen encoder: these stages (e.g. conv1, bn1, layer1) still learn
-    side_channels: int = 0  # a trainable side network beside the encoder (model.SideNetwork); 0: none
-    encoder_checkpoint: str | None = None
-    encoder_weights: str | None = None  # "imagenet": the backbone's packaged ImageNet-1k weights (roadxfer.imagenet)
-    orientation_bin_size: int = 10
+    unfreeze_after: int | None = default("training.unfreeze_after")
+    unfreeze_lr_factor: float = default("training.unfreeze_lr_factor")
+    train_bn: bool = default("training.train_bn")  # frozen encoder: its BatchNorm layers still learn (fastai's freeze)
+    trainable_stages: tuple[str, ...] = field(default_factory=lambda: tuple(default("training.trainable_stages")))  # frozen encoder: these stages (e.g. conv1, bn1, layer1) still learn
+    side_channels: int = default("training.side_channels")  # a trainable side network beside the encoder (model.SideNetwork); 0: none
+    encoder_checkpoint: str | None = default("training.encoder_checkpoint")
+    encoder_weights: str | None = default("training.encoder_weights")  # "imagenet": the backbone's packaged ImageNet-1k weights (roadxfer.imagenet)
+    orientation_bin_size: int = default("labels.orientation_bin_size")
     augment: dict[str, Any] = field(default_factory=lambda: {"flips": True, "rot90": True, "color_jitter": 0.1})
-    zip_dlpk: bool = False
-    stage_tiles: bool = False  # copy the tile folders to node-local $TMPDIR before reading them
-    checkpoint_seconds: float = 60.0  # write the resume checkpoint at most this often (0: after every epoch)
-    keep_pretrained: bool = False  # keep what the pretrained model finds: its confident roads become labels
-    keep_threshold: float = 0.5
-    rehearsal_fraction: float = 0.25  # with rehearsal datasets: their share of the tiles of each epoch
-    rehearsal_open: float | None = None  # rehearsal tiles: background the model calls road with P >= this is left out of the loss
-    reference_orientation_bin_size: int = 20  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16: mixed precision (see amp_dtype)
+    zip_dlpk: bool = default("training.zip_dlpk")
+    stage_tiles: bool = default("training.stage_tiles")  # copy the tile folders to node-local $TMPDIR before reading them
+    checkpoint_seconds: float = default("training.checkpoint_seconds")  # write the resume checkpoint at most this often (0: after every epoch)
+    keep_pretrained: bool = default("training.keep_pretrained")  # keep what the pretrained model finds: its confident roads become labels
+    keep_threshold: float = default("training.keep_threshold")
+    rehearsal_fraction: float = default("training.rehearsal_fraction")  # with rehearsal datasets: their share of the tiles of each epoch
+    rehearsal_open: float | None = default("training.rehearsal_open")  # rehearsal tiles: background the model calls road with P >= this is left out of the loss
+    reference_orientation_bin_size: int = default("training.reference_orientation_bin_size")  # linknet34_mtl from scratch: degrees per bin over 360 (the reference's default)
+    precision: str = default("training.precision")  # auto | fp32 | bf16 | fp16: mixed precision (see amp_dtype)
 
     def __post_init__(self) -> None:  # refused before any data is read
         if self.lr_schedule not in LR_SCHEDULES:

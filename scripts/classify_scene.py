@@ -3,7 +3,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.classify import classify_scene, merge_shards  # noqa: E402
-from roadxfer.glue import classify_settings, run_logged  # noqa: E402
+from roadxfer.glue import run_logged  # noqa: E402
+from roadxfer.settings import classify_settings  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = classify_settings(sm.params.settings, sm.params.image)

@@ -5,7 +5,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rasterio.windows import Window  # noqa: E402
 
 from roadxfer.classify import classify_scene  # noqa: E402
-from roadxfer.glue import classify_settings, run_logged  # noqa: E402
+from roadxfer.glue import run_logged  # noqa: E402
+from roadxfer.settings import classify_settings  # noqa: E402
 
 sm = snakemake  # noqa: F821
 run_logged(

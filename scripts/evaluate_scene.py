@@ -3,7 +3,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roadxfer.evaluate import EvalSettings, evaluate_scene  # noqa: E402
-from roadxfer.glue import image_kwargs, run_logged  # noqa: E402
+from roadxfer.glue import run_logged  # noqa: E402
+from roadxfer.settings import image_kwargs  # noqa: E402
 
 sm = snakemake  # noqa: F821
 row = sm.params.row

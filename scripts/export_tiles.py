@@ -2,7 +2,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from roadxfer.glue import image_kwargs, radiometry, run_logged, tile_settings  # noqa: E402
+from roadxfer.glue import run_logged  # noqa: E402
+from roadxfer.settings import image_kwargs, radiometry, tile_settings  # noqa: E402
 from roadxfer.tiles import export_tiles  # noqa: E402
 
 sm = snakemake  # noqa: F821

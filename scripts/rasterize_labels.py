@@ -2,7 +2,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from roadxfer.glue import image_kwargs, label_settings, run_logged  # noqa: E402
+from roadxfer.glue import run_logged  # noqa: E402
+from roadxfer.settings import image_kwargs, label_settings  # noqa: E402
 from roadxfer.labels import rasterize_scene  # noqa: E402
 from roadxfer.sheet import TRAINING_ROLES  # noqa: E402
 

@@ -90,7 +90,7 @@ def test_every_classify_setting_of_the_config_reaches_the_classifier():
 
     import yaml
 
-    from roadxfer.glue import classify_settings
+    from roadxfer.settings import classify_settings
 
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml").read_text())
     shared = set(schema["properties"]["classify"]["properties"]) & {f.name for f in dataclasses.fields(ClassifySettings)}
