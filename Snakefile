@@ -21,6 +21,7 @@ include: "rules/labels.smk"
 include: "rules/tiles.smk"
 include: "rules/train.smk"
 include: "rules/classify.smk"
+include: "rules/vectorise.smk"
 include: "rules/evaluate.smk"
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from roadxfer.centrelines import centrelines_from_raster, vector_settings  # noqa: E402
+from roadxfer.centrelines import centrelines_from_raster  # noqa: E402
+from roadxfer.settings import vectorise_settings  # noqa: E402
 from roadxfer.classify import ClassifySettings, classify_scene  # noqa: E402
 from roadxfer.demo import write_scene  # noqa: E402
 from roadxfer.evaluate import EvalSettings, evaluate_scene  # noqa: E402
@@ -60,9 +61,9 @@ def main() -> None:
             for guided in (False, True):
                 lines = out / f"centrelines_{'guided' if guided else 'plain'}.gpkg"
                 t0 = time.perf_counter()
-                n = centrelines_from_raster(out / "classes.tif", lines, classes=classes, min_length=settings.min_line_length, bridge=settings.bridge_gaps,
+                n = centrelines_from_raster(out / "classes.tif", lines, classes=classes,
                                             probability=out / "probability.tif", direction=out / "direction.tif",
-                                            settings=vector_settings({"bridge_direction": guided}))
+                                            settings=vectorise_settings({"bridge_direction": guided}))
                 seconds = time.perf_counter() - t0
                 ev = evaluate_scene(image, out / "classes.tif", lines, labels, out / f"eval_{guided}.json", EvalSettings(), scene_id=f"seed{seed}", model=Path(model).name)
                 rows.append((Path(model).name, seed, guided, n, ev["apls"]["apls"], ev["apls"]["apls_truth_to_proposal"], ev["apls"]["apls_proposal_to_truth"], seconds))

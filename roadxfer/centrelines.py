@@ -398,23 +398,15 @@ def noise_warning(stats: MaskStats, length_m: float, cell_m: float, mesh_m: floa
 
 @dataclass(frozen=True)
 class VectorSettings:
-    min_length: float = default("classify.min_line_length")  # metres: shorter side branches and networks are dropped
-    bridge: float = default("classify.bridge_gaps")  # metres: dead ends are joined across gaps up to this long (0: never)
-    bridge_direction: bool = default("classify.centrelines.bridge_direction")  # with the model's direction raster: ends point along it
-    bridge_reach: float = default("classify.centrelines.bridge_reach")  # such an end joins lines up to this many times `bridge` away ...
-    bridge_reach_angle: float = default("classify.centrelines.bridge_reach_angle")  # ... within this many degrees of where it points (both chosen on the tuning scenes)
-    snap: float = default("classify.centrelines.snap")  # metres: junctions joined by a shorter edge become one
-    min_probability: float = default("classify.centrelines.min_probability")  # networks whose mean road probability is lower are dropped (with a probability raster)
+    min_length: float = default("vectorise.min_line_length")  # metres: shorter side branches and networks are dropped
+    bridge: float = default("vectorise.bridge_gaps")  # metres: dead ends are joined across gaps up to this long (0: never)
+    bridge_direction: bool = default("vectorise.bridge_direction")  # with the model's direction raster: ends point along it
+    bridge_reach: float = default("vectorise.bridge_reach")  # such an end joins lines up to this many times `bridge` away ...
+    bridge_reach_angle: float = default("vectorise.bridge_reach_angle")  # ... within this many degrees of where it points (both chosen on the tuning scenes)
+    snap: float = default("vectorise.snap")  # metres: junctions joined by a shorter edge become one
+    min_probability: float = default("vectorise.min_probability")  # networks whose mean road probability is lower are dropped (with a probability raster)
     simplify: float | None = None  # CRS units; default one cell
     mask: MaskSettings = field(default_factory=MaskSettings)
-
-
-def vector_settings(cfg: dict[str, Any] | None) -> VectorSettings:
-    """:class:`VectorSettings` from ``classify.centrelines`` of the config (missing keys: defaults)."""
-    cfg = dict(cfg or {})
-    mask = MaskSettings(**{k: float(cfg[k]) for k in ("high", "low", "hole_area", "min_area") if k in cfg})
-    flags = {k: bool(cfg[k]) for k in ("bridge_direction",) if k in cfg}
-    return VectorSettings(**{k: float(cfg[k]) for k in ("snap", "min_probability", "bridge_reach", "bridge_reach_angle") if k in cfg}, **flags, mask=mask)
 
 
 def centrelines_from_raster(
@@ -422,8 +414,8 @@ def centrelines_from_raster(
     out_path: str | Path,
     *,
     classes: Sequence[dict[str, Any]],
-    min_length: float = 5.0,
-    bridge: float = 0.0,
+    min_length: float | None = None,
+    bridge: float | None = None,
     simplify: float | None = None,
     probability: str | Path | None = None,
     probability_scale: float = 250.0,
@@ -440,11 +432,12 @@ def centrelines_from_raster(
     With a ``direction`` raster (the model's predicted road direction) and
     ``settings.bridge_direction``, gaps are bridged along it (:func:`bridge_gaps`).
     Nodes: ``node_id`` and ``degree``. The layer's QGIS style is stored in the GeoPackage
-    as its default. ``min_length`` and ``bridge`` (metres) override ``settings``. A
+    as its default. ``min_length`` and ``bridge`` (metres), when given, override ``settings``. A
     prediction that looks like noise gives a warning naming ``scene``.
     """
     vs = settings or VectorSettings()
-    vs = dataclasses.replace(vs, min_length=min_length, bridge=bridge, simplify=simplify if simplify is not None else vs.simplify)
+    vs = dataclasses.replace(vs, min_length=vs.min_length if min_length is None else min_length, bridge=vs.bridge if bridge is None else bridge,
+                             simplify=simplify if simplify is not None else vs.simplify)
     classes = complete_classes(classes)
     scene = scene or str(classified)
     records = []

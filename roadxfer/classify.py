@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -39,6 +39,9 @@ from .raster import ImageInfo, cell_size_metres, check_written, image_info, read
 from .styles import classes_qml, colour_table, complete_classes, probability_qml, raster_tags, rat_aux_xml
 from .raster import tile_starts as starts
 from .device import amp_dtype, channels_last, pick_device, set_threads
+
+if TYPE_CHECKING:
+    from .centrelines import VectorSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +64,8 @@ class ClassifySettings:
     tta: bool = default("classify.tta")  # average over flips and 90-degree rotations
     threshold: float | None = default("classify.threshold")  # road where P(road) >= threshold; default: most probable class
     probability_dtype: str = default("classify.probability_dtype")  # uint8 (0-250 = 0-1, 255 nodata) | float32
-    min_line_length: float = default("classify.min_line_length")  # metres: shorter side branches and networks are dropped
-    bridge_gaps: float = default("classify.bridge_gaps")  # metres: dead ends are joined across gaps up to this long
     cell_size_tolerance: float = default("classify.cell_size_tolerance")  # resample off: warn when scene and model cell sizes differ by more than this factor
     resample: str = default("classify.resample")  # auto: on the model's grid when cell sizes differ by > 10% | always | off
-    centrelines: dict[str, Any] | None = None  # road graph settings (classify.centrelines in the config)
     direction: bool = default("classify.direction")  # predict the road direction (runs the orientation decoder); off: the direction raster is all nodata
     background_io: bool = default("classify.background_io")  # read the next strips and write the last ones in background threads while the model runs
     device: str | None = None
@@ -336,12 +336,14 @@ def classify_scene(
     settings: ClassifySettings = ClassifySettings(),
     threads: int = 1,
     window: Window | None = None,
+    vector: VectorSettings | None = None,
 ) -> dict[str, Any]:
     """Classify one scene; returns a summary (tiles, seconds, megapixels/s).
 
     ``out_direction``: the road direction the model's orientation head predicts (uint8,
     degrees clockwise from grid north 0-179, 255 nodata); the centrelines use it to bridge
-    gaps (``classify.centrelines.bridge_direction``).
+    gaps (``vectorise.bridge_direction``). ``out_centrelines``: the road graph as well, traced
+    with ``vector`` (the workflow traces it in a step of its own: :mod:`roadxfer.vectorise`).
 
     With ``window`` only that part of the scene (a shard) is classified, exactly as it is
     when the whole scene is (:func:`stitch`); its rasters cover the window and are joined
@@ -447,7 +449,7 @@ def classify_scene(
         seconds = time.perf_counter() - t0
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
                                classes=classes, settings=settings, scene=Path(image).name, size=(width, height), sidecars=window is None,
-                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction, threads=threads)
+                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction, threads=threads, vector=vector)
         write_seconds = time.perf_counter() - t0 - seconds
     if grid:
         n_tiles = count_tiles(grid[2], grid[1], tile, overlap)
@@ -486,7 +488,7 @@ def open_outputs(cls_path: Path, prob_path: Path | None, profile: dict[str, Any]
 
 def commit_outputs(cls_tmp: Path, prob_tmp: Path | None, out_class: str | Path, out_probability: str | Path | None, out_centrelines: str | Path | None, *,
                    classes: list[dict[str, Any]], settings: ClassifySettings, scene: str, size: tuple[int, int], sidecars: bool = True,
-                   dir_tmp: Path | None = None, out_direction: str | Path | None = None, threads: int = 1) -> int | None:
+                   dir_tmp: Path | None = None, out_direction: str | Path | None = None, threads: int = 1, vector: VectorSettings | None = None) -> int | None:
     """Write the COGs, their sidecars and the centrelines from the scratch rasters; all checked first, then committed together."""
     lines = None
     with contextlib.ExitStack() as outputs:
@@ -506,12 +508,11 @@ def commit_outputs(cls_tmp: Path, prob_tmp: Path | None, out_class: str | Path, 
         for path, text in (styles.items() if sidecars else ()):  # the attribute table and the QGIS styles, committed with the rasters
             outputs.enter_context(atomic_path(path)).write_text(text)
         if out_centrelines:
-            from .centrelines import centrelines_from_raster, vector_settings
+            from .centrelines import centrelines_from_raster
 
             lines = centrelines_from_raster(cls_out, outputs.enter_context(atomic_path(out_centrelines)), classes=classes,
-                                            min_length=settings.min_line_length, bridge=settings.bridge_gaps,
                                             probability=prob_tmp, probability_scale=250.0 if settings.probability_dtype == "uint8" else 1.0,
-                                            direction=dir_tmp, scene=scene, settings=vector_settings(settings.centrelines))
+                                            direction=dir_tmp, scene=scene, settings=vector)
         check_room(Path(out_class).parent)
     return lines
 
@@ -528,6 +529,7 @@ def merge_shards(
     settings: ClassifySettings = ClassifySettings(),
     rows: int = 1024,
     threads: int = 1,
+    vector: VectorSettings | None = None,
 ) -> dict[str, Any]:
     """Join the (class, probability[, direction]) rasters of a scene's shards into the scene's outputs.
 
@@ -581,7 +583,7 @@ def merge_shards(
         check_room(scratch)
         lines = commit_outputs(cls_tmp, prob_tmp if out_probability else None, out_class, out_probability, out_centrelines,
                                classes=classes, settings=settings, scene=Path(image).name, size=(width, height),
-                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction, threads=threads)
+                               dir_tmp=dir_tmp if out_direction else None, out_direction=out_direction, threads=threads, vector=vector)
     log.info("%s: %d shard(s) merged in %.1f s", image, len(placed), time.perf_counter() - t0)
     return {"image": str(image), "shards": len(placed), "seconds": time.perf_counter() - t0, "centrelines": lines}
 

@@ -4,6 +4,7 @@
     python -m roadxfer export   IMAGE LABELDIR OUTDIR [--tile-size 256] [--stride 128] [--keep features] [--label-nodata 255]
                                 [--rescale auto|none|percentile|minmax|fixed] [--percentiles 2,98] [--low L] [--high H]
     python -m roadxfer classify IMAGE MODEL OUTDIR [--threshold 0.5] [--tta] [--tile-size N] [--rescale ...]
+    python -m roadxfer vectorise CLASSIFIEDDIR [--out centrelines.gpkg] [--min-line-length 5] [--bridge-gaps 10] [--high 0.5] ...
     python -m roadxfer evaluate IMAGE CLASSIFIEDDIR LINES OUT.json [--buffer 2] [--ignore ROW,COL,H,W ...]
     python -m roadxfer share    MODEL OUTDIR [--float32]   (a trained package to share: float16 weights)
 
@@ -130,14 +131,44 @@ def _export(a: argparse.Namespace) -> dict:
 
 def _classify(a: argparse.Namespace) -> dict:
     from .classify import classify_scene
-    from .settings import classify_settings
+    from .settings import classify_settings, vectorise_settings
 
     out = _outdir(a.outdir)
     refuse_overlap({f"OUTDIR/{n}": out / n for n in ("classes.tif", "probability.tif", "direction.tif", "centrelines.gpkg")}, {"IMAGE": a.image, "MODEL": a.model})
     settings = classify_settings(classify_config(a), {"bands": a.bands}, device=a.device, rescale=_rescale(a))
+    vector = vectorise_settings(None)  # the road graph with the defaults; `vectorise` re-makes it with others
     return classify_scene(a.image, a.model, out / "classes.tif", out_probability=out / "probability.tif", out_centrelines=out / "centrelines.gpkg",
                          out_direction=out / "direction.tif",
-                          settings=settings, threads=a.threads)
+                          settings=settings, threads=a.threads, vector=vector)
+
+
+def vectorise_config(a: argparse.Namespace) -> dict:
+    """The ``vectorise:`` config section the options stand for."""
+    return {key: getattr(a, key) for key in schema_node("vectorise")["properties"]}
+
+
+def _vectorise(a: argparse.Namespace) -> dict:
+    from .settings import vectorise_settings
+    from .vectorise import vectorise_scene
+
+    folder = Path(a.classified)
+    out = Path(a.out) if a.out else folder / "centrelines.gpkg"
+    probability, direction = folder / "probability.tif", folder / "direction.tif"
+    return vectorise_scene(folder / "classes.tif", out, probability=probability if probability.is_file() else None,
+                           direction=direction if direction.is_file() else None, settings=vectorise_settings(vectorise_config(a)), scene=folder.name)
+
+
+def _add_schema_options(p: argparse.ArgumentParser, section: str) -> None:
+    """One option per key of a config section, with the schema's type, bounds, default and description."""
+    for key, node in schema_node(section)["properties"].items():
+        kind = node.get("type")
+        flag = "--" + key.replace("_", "-")
+        if kind == "boolean":
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=default(f"{section}.{key}"), help=describe(f"{section}.{key}"))
+            continue
+        low = node.get("minimum", node.get("exclusiveMinimum"))
+        parse = _number(int if kind == "integer" else float, low, node.get("maximum"), low_open="exclusiveMinimum" in node)
+        p.add_argument(flag, dest=key, type=parse, default=default(f"{section}.{key}"), help=describe(f"{section}.{key}"))
 
 
 def _window(text: str) -> list[int]:
@@ -210,6 +241,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", choices=schema_node("classify.resample")["enum"], default=default("classify.resample"), help=describe("classify.resample"))
     p.set_defaults(run=_classify)
 
+    p = sub.add_parser("vectorise", help="step 4b: the road graph (centrelines.gpkg) of a classified scene, from the rasters `classify` wrote")
+    p.add_argument("classified", help="folder written by `classify` (classes.tif with its .aux.xml; probability.tif and direction.tif when present)")
+    p.add_argument("--out", default=None, help="GeoPackage to write (default: CLASSIFIEDDIR/centrelines.gpkg)")
+    _add_schema_options(p, "vectorise")
+    p.set_defaults(run=_vectorise)
+
     p = sub.add_parser("evaluate", help="step 5: pixel metrics and APLS of a classified scene against reference lines")
     p.add_argument("image", help="the classified scene"), p.add_argument("classified", help="folder written by `classify`")
     p.add_argument("lines", help="reference polylines"), p.add_argument("out", help="metrics JSON to write")
@@ -222,6 +259,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_evaluate)
 
     for name, p in sub.choices.items():
+        if name == "vectorise":  # reads rasters classification wrote, not the image
+            continue
         p.add_argument("--bands", type=_bands, default=default("image.bands"), help="1-based image bands to use, in order, e.g. 3,2,1 (default: every band but the alpha)")
         if name in ("export", "classify"):
             p.add_argument("--rescale", choices=schema_node("image.rescale.method")["enum"], default=default("image.rescale.method") if name == "export" else None,

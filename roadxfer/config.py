@@ -81,6 +81,18 @@ def _fill(node: Mapping[str, Any], value: Any) -> Any:
 MAX_CONFIG_VALUES = 100_000  # a workflow config holds a few hundred; the demo's pretraining sheet, a few thousand
 
 
+# Keys that moved, with where they are now: a config written for an earlier version gets the fix, not "unknown key".
+MOVED = {("classify", "centrelines"): "vectorise: (its keys one level up, e.g. vectorise.high)",
+         ("classify", "min_line_length"): "vectorise.min_line_length", ("classify", "bridge_gaps"): "vectorise.bridge_gaps"}
+
+
+def check_moved(config: Mapping[str, Any], *, source: str = "config") -> None:
+    """Refuse keys of an earlier version's layout, naming where they live now (run before the schema)."""
+    for (section, key), now in MOVED.items():
+        if isinstance(config.get(section), Mapping) and key in config[section]:
+            raise InputError(source, f"{section}.{key} has moved: the road graph is its own step now", f"write it as {now}")
+
+
 def check_plain(config: Any, *, source: str = "config") -> None:
     """Run before the schema: refuse what would hang or mislead validation.
 
@@ -174,10 +186,10 @@ def _check_image(image: Mapping[str, Any], source: str) -> None:
 
 def _check_classify_geometry(config: Mapping[str, Any], source: str) -> None:
     cls = config.get("classify", {})
-    lines = cls.get("centrelines") or {}
-    if lines.get("low", 0.3) > lines.get("high", 0.5):
-        raise InputError(source, f"classify.centrelines.low {lines.get('low')} is above high {lines.get('high', 0.5)}: seeds could not grow",
-                         "set low at or below high (e.g. low 0.3, high 0.5)")
+    lines = config.get("vectorise") or {}
+    low, high = lines.get("low", default("vectorise.low")), lines.get("high", default("vectorise.high"))
+    if low > high:
+        raise InputError(source, f"vectorise.low {low} is above high {high}: seeds could not grow", "set low at or below high (e.g. low 0.3, high 0.5)")
     tile = cls.get("tile_size") or config.get("tiles", {}).get("tile_size", 256)
     overlap = cls.get("overlap")
     overlap = tile // 4 if overlap is None else overlap

@@ -27,10 +27,10 @@ EIGHT = np.ones((3, 3), bool)
 
 @dataclass(frozen=True)
 class MaskSettings:
-    high: float = default("classify.centrelines.high")  # P(road) of the seeds
-    low: float = default("classify.centrelines.low")  # P(road) a seed grows into
-    hole_area: float = default("classify.centrelines.hole_area")  # m²: holes smaller than this are filled
-    min_area: float = default("classify.centrelines.min_area")  # m²: blobs smaller than this are dropped (specks; road stubs between gaps stay, to be bridged)
+    high: float = default("vectorise.high")  # P(road) of the seeds
+    low: float = default("vectorise.low")  # P(road) a seed grows into
+    hole_area: float = default("vectorise.hole_area")  # m²: holes smaller than this are filled
+    min_area: float = default("vectorise.min_area")  # m²: blobs smaller than this are dropped (specks; road stubs between gaps stay, to be bridged)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from .radiometry import Radiometry
 from .tiles import TileSettings
 
 if TYPE_CHECKING:
+    from .centrelines import VectorSettings
     from .classify import ClassifySettings
 
 
@@ -80,3 +81,15 @@ def classify_settings(classify_cfg: Mapping[str, Any] | None, image_cfg: Mapping
     cfg = {k: v for k, v in section("classify", classify_cfg).items() if k not in WORKFLOW_ONLY}
     bands = section("image", image_cfg)["bands"]
     return ClassifySettings(**cfg, bands=tuple(bands) if bands else None, **extra)
+
+
+def vectorise_settings(vectorise_cfg: Mapping[str, Any] | None) -> VectorSettings:
+    """The road graph's settings from ``vectorise:`` (missing keys: the schema's defaults)."""
+    from .centrelines import VectorSettings
+    from .roadmask import MaskSettings
+
+    cfg = section("vectorise", vectorise_cfg)
+    return VectorSettings(min_length=float(cfg["min_line_length"]), bridge=float(cfg["bridge_gaps"]), bridge_direction=bool(cfg["bridge_direction"]),
+                          bridge_reach=float(cfg["bridge_reach"]), bridge_reach_angle=float(cfg["bridge_reach_angle"]), snap=float(cfg["snap"]),
+                          min_probability=float(cfg["min_probability"]),
+                          mask=MaskSettings(high=float(cfg["high"]), low=float(cfg["low"]), hole_area=float(cfg["hole_area"]), min_area=float(cfg["min_area"])))

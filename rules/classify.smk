@@ -8,7 +8,7 @@ rule classify_shard:
         probability=temp("results/classified/{model}/{scene}/shards/{shard}/probability.tif"),
         direction=temp("results/classified/{model}/{scene}/shards/{shard}/direction.tif"),
     params:
-        settings=config["classify"],
+        settings=CLASSIFY_SETTINGS,
         image=config["image"],
         window=shard_window,
     log:
@@ -29,8 +29,8 @@ rule classify_shard:
 
 
 rule classify_scene:
-    """Step 4: classify a whole scene with a model package (COG class raster, probability, centrelines);
-    a sharded scene's shards are joined here instead."""
+    """Step 4: classify a whole scene with a model package (COG class, probability and direction rasters);
+    a sharded scene's shards are joined here instead. The road graph is the next step (vectorise_scene)."""
     input:
         image=scene_image,
         model=classify_model,
@@ -40,13 +40,12 @@ rule classify_scene:
         probability="results/classified/{model}/{scene}/probability.tif",
         # The road direction the model predicts (degrees clockwise from grid north); gaps are bridged along it.
         direction="results/classified/{model}/{scene}/direction.tif",
-        centrelines="results/classified/{model}/{scene}/centrelines.gpkg",
         # Raster attribute table and QGIS styles, which GIS software picks up by their names.
         attribute_table="results/classified/{model}/{scene}/classes.tif.aux.xml",
         classes_style="results/classified/{model}/{scene}/classes.qml",
         probability_style="results/classified/{model}/{scene}/probability.qml",
     params:
-        settings=config["classify"],
+        settings=CLASSIFY_SETTINGS,
         image=config["image"],
     log:
         "logs/classified/{model}/{scene}.log",

@@ -6,12 +6,13 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)
 
-from roadxfer.config import ROLES as SHEET_ROLES, check_config, check_plain
+from roadxfer.config import ROLES as SHEET_ROLES, check_config, check_moved, check_plain
 from roadxfer.errors import InputError
 from roadxfer.sheet import check_scene_sizes, check_sheet, read_sheet
 from roadxfer.styles import complete_classes
 
 check_plain(config, source="config (merged --configfile files)")  # aliases and NaN, before the schema walks them
+check_moved(config, source="config (merged --configfile files)")
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config, source="config (merged --configfile files)")
 # A class without a name or colour gets a default now (with a warning), not a failure later.
@@ -39,6 +40,11 @@ wildcard_constraints:
     scene="|".join(scenes.index) if len(scenes) else "NO_SCENES",
     model="|".join(config["models"]) or "NO_MODELS",
     shard=r"r\d+c\d+",
+
+
+# Only the keys a classification reads are its params, so changing another key re-runs none
+# (which models to classify and the shard size shape the DAG, not a classification).
+CLASSIFY_SETTINGS = {k: v for k, v in config["classify"].items() if k not in ("models", "shard_size")}
 
 
 def scenes_with_role(*roles):

@@ -9,7 +9,7 @@ from roadxfer.settings import classify_settings  # noqa: E402
 sm = snakemake  # noqa: F821
 settings = classify_settings(sm.params.settings, sm.params.image)
 shards = list(sm.input.shards)
-outputs = {"out_probability": sm.output.probability, "out_centrelines": sm.output.centrelines, "out_direction": sm.output.direction}
+outputs = {"out_probability": sm.output.probability, "out_direction": sm.output.direction}
 if shards:  # a sharded scene: join its shards (classes, probability, direction per shard)
     main = lambda: merge_shards(sm.input.image, list(zip(shards[0::3], shards[1::3], shards[2::3])), sm.input.model,  # noqa: E731
                                 sm.output.classes, **outputs, settings=settings, threads=sm.threads)

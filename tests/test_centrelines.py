@@ -12,6 +12,7 @@ import shapely
 from conftest import X0, Y0, make_raster
 
 from roadxfer import centrelines as cl
+from roadxfer.settings import vectorise_settings
 
 ROAD = [{"value": 1, "name": "road"}]
 
@@ -184,7 +185,7 @@ def test_centrelines_use_the_direction_raster(tmp_path):
     for guided, pieces in ((False, 2), (True, 1)):
         out = tmp_path / f"l{guided}.gpkg"
         cl.centrelines_from_raster(classes, out, classes=ROAD, min_length=5, bridge=10, probability=probability, direction=direction,
-                                   settings=cl.vector_settings({"bridge_direction": guided}))
+                                   settings=vectorise_settings({"bridge_direction": guided}))
         merged = shapely.line_merge(shapely.union_all(list(gpd.read_file(out, layer="centrelines").geometry)))
         assert len(getattr(merged, "geoms", [merged])) == pieces
 
@@ -199,12 +200,12 @@ def test_a_join_across_a_gap_does_not_count_against_its_network(tmp_path):
     direction = make_raster(tmp_path / "direction.tif", data=np.zeros((1, 200, 60), np.uint8), size=(200, 60), cell=1.0, count=1)
     out = tmp_path / "l.gpkg"
     cl.centrelines_from_raster(classes, out, classes=ROAD, min_length=5, bridge=15, probability=probability, direction=direction,
-                               settings=cl.vector_settings({"min_probability": 0.4}))
+                               settings=vectorise_settings({"min_probability": 0.4}))
     lines = gpd.read_file(out, layer="centrelines")
     merged = shapely.line_merge(shapely.union_all(list(lines.geometry)))
     assert merged.geom_type == "LineString" and merged.length > 100  # one road across the gap, kept
     assert lines["min_probability"].min() < 0.1  # the join itself is honest about the gap
     # A network that is faint on its own mask is still dropped.
     cl.centrelines_from_raster(classes, out, classes=ROAD, min_length=5, bridge=15, probability=probability, direction=direction,
-                               settings=cl.vector_settings({"min_probability": 0.6}))
+                               settings=vectorise_settings({"min_probability": 0.6}))
     assert len(gpd.read_file(out, layer="centrelines")) == 0

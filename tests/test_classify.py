@@ -257,7 +257,7 @@ def test_centrelines_of_a_known_network(tmp_path, monkeypatch, block):
     monkeypatch.setattr(cl, "BLOCK", block)
     monkeypatch.setattr(cl, "HALO", 16)
     raster = _mask_raster(tmp_path / "m.tif", _network())
-    n = cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5)
+    n = cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5, bridge=0)
     gdf = gpd.read_file(tmp_path / "l.gpkg", layer="centrelines")
     assert n == len(gdf) == 5  # four arms of the cross, one L
     arms = sorted(gdf.length.round())
@@ -314,7 +314,7 @@ def test_centrelines_of_a_ragged_road_stay_connected(tmp_path):
         r = 34 if side < 0 else 46
         m[r - 2 * (side < 0): r + 2 * (side > 0) + (side > 0), c: c + 3] = 1
     raster = _mask_raster(tmp_path / "m.tif", m, cell=0.3)
-    cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5)
+    cl.centrelines_from_raster(raster, tmp_path / "l.gpkg", classes=[{"Value": 1, "Name": "road"}], min_length=5, bridge=0)
     gdf = gpd.read_file(tmp_path / "l.gpkg", layer="centrelines")
     merged = shapely.line_merge(shapely.union_all(list(gdf.geometry)))
     assert merged.geom_type == "LineString"  # one piece from end to end, no spur left

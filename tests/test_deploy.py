@@ -161,7 +161,7 @@ def test_geo_rules_do_not_need_torch():
     import subprocess
     import sys
 
-    code = "import sys; import roadxfer.glue, roadxfer.settings, roadxfer.report, roadxfer.demo, roadxfer.labels, roadxfer.tiles, roadxfer.evaluate; print('torch' in sys.modules)"
+    code = "import sys; import roadxfer.glue, roadxfer.settings, roadxfer.report, roadxfer.vectorise, roadxfer.centrelines, roadxfer.demo, roadxfer.labels, roadxfer.tiles, roadxfer.evaluate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -20,10 +20,10 @@ from roadxfer.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # A settings field named differently from its config key.
-ALIASES = {(VectorSettings, "min_length"): "classify.min_line_length", (VectorSettings, "bridge"): "classify.bridge_gaps",
+ALIASES = {(VectorSettings, "min_length"): "vectorise.min_line_length", (VectorSettings, "bridge"): "vectorise.bridge_gaps",
            (TileSettings, "orientation_bin_size"): "labels.orientation_bin_size", (TrainConfig, "orientation_bin_size"): "labels.orientation_bin_size"}
 # Where a None field stands for the schema's default of another kind (empty mapping, or "the labels' radius").
-SAME_MEANING = {(ClassifySettings, "centrelines"), (EvalSettings, "buffer_radius"), (EvalSettings, "ignore_windows")}
+SAME_MEANING = {(EvalSettings, "buffer_radius"), (EvalSettings, "ignore_windows")}
 
 
 def _field_default(f: dataclasses.Field):
@@ -31,7 +31,7 @@ def _field_default(f: dataclasses.Field):
 
 
 @pytest.mark.parametrize(("cls", "section"), [(ClassifySettings, "classify"), (LabelSettings, "labels"), (TileSettings, "tiles"), (TrainConfig, "training"),
-                                              (EvalSettings, "evaluation"), (VectorSettings, "classify.centrelines"), (MaskSettings, "classify.centrelines")])
+                                              (EvalSettings, "evaluation"), (VectorSettings, "vectorise"), (MaskSettings, "vectorise")])
 def test_settings_classes_take_their_defaults_from_the_schema(cls, section):
     checked = 0
     for f in dataclasses.fields(cls):
@@ -82,9 +82,9 @@ def test_config_yaml_repeats_no_default_differently():
 
 
 def test_with_defaults_fills_every_level_and_keeps_what_is_given():
-    cfg = config.with_defaults({"classify": {"batch_size": 4, "centrelines": {"high": 0.7}}})
-    assert cfg["classify"]["batch_size"] == 4 and cfg["classify"]["centrelines"]["high"] == 0.7
-    assert cfg["classify"]["centrelines"]["low"] == config.default("classify.centrelines.low")
+    cfg = config.with_defaults({"classify": {"batch_size": 4}, "vectorise": {"high": 0.7}})
+    assert cfg["classify"]["batch_size"] == 4 and cfg["vectorise"]["high"] == 0.7
+    assert cfg["vectorise"]["low"] == config.default("vectorise.low")
     assert cfg["labels"]["buffer_radius"] == config.default("labels.buffer_radius")
     with pytest.raises(KeyError, match="no such key"):
         config.default("classify.batch_sizes")

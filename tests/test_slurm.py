@@ -61,7 +61,7 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
     rules = Counter(j["comment"].split("_wildcards_")[0].removeprefix("rule_") for j in jobs)
     # Every job of the DAG went through sbatch (the target rule `all` runs in the driver).
     assert rules == {"demo_scene": 3, "rasterize_labels": 2, "export_tiles": 2, "train_model": 3, "classify_scene": 3,
-                     "evaluate_scene": 3, "aggregate_metrics": 1, "report": 1}
+                     "vectorise_scene": 3, "evaluate_scene": 3, "aggregate_metrics": 1, "report": 1}
     assert all(j["state"] == "COMPLETED" for j in jobs)
     for j in jobs:
         gpu_rule = j["comment"].startswith(("rule_train_model", "rule_classify_scene"))

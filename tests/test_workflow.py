@@ -48,7 +48,7 @@ def test_dry_run_of_the_whole_demo_workflow():
     out = smk("--dry-run", "--forceall", "--cores", "2")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "train_model", "classify_scene", "evaluate_scene", "aggregate_metrics", "report"):
+    for rule in ("demo_scene", "rasterize_labels", "export_tiles", "train_model", "classify_scene", "vectorise_scene", "evaluate_scene", "aggregate_metrics", "report"):
         assert rule in text
 
 
@@ -82,6 +82,12 @@ def test_invalid_config_value_is_refused(tmp_path):
     assert out.returncode != 0 and "multiple of 32" in out.stdout + out.stderr
 
 
+def _job_counts(dry_run_stdout: str) -> dict[str, int]:
+    """The "Job stats" table of a dry run: rule -> jobs."""
+    table = dry_run_stdout.split("Job stats:", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+    return {rule: int(n) for rule, n in (line.split() for line in table) if rule not in ("total", "all")}
+
+
 @pytest.mark.workflow
 def test_small_demo_runs_end_to_end(tmp_path):
     # As the demo: a side network beside the frozen encoder, and a scene of the base domain for retention.
@@ -93,11 +99,9 @@ def test_small_demo_runs_end_to_end(tmp_path):
         "evaluation: {replicates: {transfer: [transfer_r2]}}\n"))
     out = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wf)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for role in ("base", "transfer"):
-        manifest = json.loads((wf / "results" / "datasets" / f"{role}.json").read_text())
-        assert manifest["tiles"] > 0 and manifest["tile_size"] == 64
-    with rasterio.open(wf / "resources/demo/x1.tif") as img, rasterio.open(wf / "results/labels/x1/label.tif") as lab:
+    with rasterio.open(wf / "resources/demo/t1.tif") as img, rasterio.open(wf / "results/labels/t1/label.tif") as lab:
         assert (lab.transform, lab.shape, lab.crs) == (img.transform, img.shape, img.crs)
+    assert not (wf / "results/labels/x1").exists()  # a test scene is scored against its lines: no label raster made
     assert (wf / "logs/labels/b1.log").read_text()
     assert (wf / "benchmarks/labels/b1.tsv").is_file()
     assert (wf / "results/tiles/t1/images").is_dir()
@@ -123,6 +127,17 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert "retention (paved)" in report and "within 0.03" in report  # the per-scene table
     assert "Before and after: the base domain" in report and "r1 side by side" in report
     assert {line.split(",")[0] for line in (wf / "results/evaluation/retention.csv").read_text().splitlines()[1:]} == {"base", "transfer", "scratch", "transfer_r2"}
+    # A vectorising setting changed: only the road graphs (and what reads them) are made again, no model runs.
+    (wf / "vec.yaml").write_text("vectorise: {min_line_length: 7.5}\n")
+    dry = smk("--configfile", "cfg.yaml", "vec.yaml", "--dry-run", cwd=wf)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    jobs = _job_counts(dry.stdout)
+    assert jobs.get("vectorise_scene") == 8 and "classify_scene" not in jobs and "train_model" not in jobs, jobs
+    assert {"evaluate_scene", "report"} <= set(jobs)
+    # And a classification setting that vectorising does not read re-runs classification, not training.
+    (wf / "cls.yaml").write_text("classify: {models: [base, transfer, scratch, transfer_r2], tta: true}\n")
+    jobs = _job_counts(smk("--configfile", "cfg.yaml", "cls.yaml", "--dry-run", cwd=wf).stdout)
+    assert jobs.get("classify_scene") == 8 and "train_model" not in jobs, jobs
     scratch = json.loads((wf / "results/models/scratch/scratch.emd").read_text())["roadxfer"]  # lr: auto through the workflow
     assert scratch["training_config"]["lr"] == "auto" and 1e-7 <= scratch["lr_found"] < 10
     assert (wf / "results/models/scratch/ModelCharacteristics/lr_find.png").is_file()
