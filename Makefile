@@ -21,9 +21,9 @@ demo: $(STAMP)
 	$(BIN)/snakemake --workflow-profile profiles/local --configfile config/demo.yaml --cores $(CORES)
 	@echo "Demo finished. Report: $(CURDIR)/results/report/report.html (outputs under results/, logs/ and benchmarks/ mirror them)"
 
-# Re-make the shipped pretrained model (about 36 min on 2 AMX cores in bfloat16): 48 generated scenes,
+# Re-make the shipped pretrained model (about 28 min on 2 AMX cores in bfloat16): 48 generated scenes,
 # then a float16 copy to share under resources/pretrained/ (docs/models.md, "The shipped pretrained model").
-PRETRAINED := resources/pretrained/paved-unet-r18
+PRETRAINED := resources/pretrained/paved-linknet-lite0
 pretrain: $(STAMP)
 	$(BIN)/snakemake --workflow-profile profiles/local --configfile experiments/pretrain.yaml --cores $(CORES)
 	$(BIN)/python -m roadxfer share results/models/base $(PRETRAINED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,3 +80,75 @@ def random_package(folder: Path, *, tile_size: int = 128) -> Path:
     emd = build_emd(folder.name, spec, tile_size=tile_size, classes=[{"value": 1, "name": "road", "color": [255, 0, 0]}], bin_size=10,
                     mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.3, provenance={})
     return write_package(folder, MultiTaskRoadModel(spec), emd)
+
+
+# Shared by several test modules (never imported from one test module into another).
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    """An untrained but complete package (weights + .emd), one per test module: enough to test the plumbing."""
+    import torch
+
+    from roadxfer.model import ModelSpec, MultiTaskRoadModel
+    from roadxfer.package import build_emd, write_package
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="resnet18", orientation_bins=18)
+    model = MultiTaskRoadModel(spec)
+    emd = build_emd("m", spec, tile_size=64, classes=[{"value": 1, "name": "road"}], bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.5, provenance={})
+    return write_package(tmp_path_factory.mktemp("pkg") / "m", model, emd)
+
+
+
+def satellite_scene(folder: Path, kind: str) -> tuple[Path, Path]:
+    """A demo scene re-encoded as an 11-bit, 4-band (RGB + NIR) or 1-band panchromatic uint16 product."""
+    rgb_path, labels = folder / "rgb.tif", folder / "roads.gpkg"
+    from roadxfer.demo import write_scene
+
+    write_scene(7, rgb_path, labels, size=256)
+    with rasterio.open(rgb_path) as src:
+        rgb, profile = src.read().astype(np.uint16), src.profile
+    if kind == "4band":
+        nir = 2000 - 3 * rgb[1]
+        data = np.concatenate([rgb * 6 + 150, nir[None]])
+    else:
+        data = (rgb.sum(0, keepdims=True) * 2 + 300).astype(np.uint16)
+    path = folder / f"{kind}.tif"
+    profile.update(count=data.shape[0], dtype="uint16", photometric="MINISBLACK", nodata=None)
+    profile.pop("nodata")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data.astype(np.uint16))
+    return path, labels
+
+
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def smk(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def tiny_workflow(tmp: Path, rows: list[str] | None = None, extra: str = "", retention: bool = False) -> Path:
+    """A tiny demo workflow in ``tmp``; ``retention`` adds an urban base-domain scene of role retention."""
+    r1 = ", r1: {seed: 2, landscape: urban}" if retention else ""
+    (tmp / "cfg.yaml").write_text(
+        "scenes: scenes.tsv\n"
+        f"demo: {{size: 256, scenes: {{b1: {{seed: 1}}, t1: {{seed: 11, kind: rural}}, x1: {{seed: 101}}{r1}}}}}\n"
+        "tiles: {tile_size: 64, stride: 64}\n"
+        "training: {backbone: resnet18, epochs: 1, batch_size: 4, patience: 0}\n"
+        "resources: {train: {threads: 1, gpu: 0}, classify: {threads: 1, gpu: 0}}\n" + extra
+    )
+    rows = rows or [
+        "b1\tresources/demo/b1.tif\tresources/demo/b1.gpkg\troads\troad_type = 'paved'\tbase",
+        "t1\tresources/demo/t1.tif\tresources/demo/t1.gpkg\troads\troad_type IN ('unpaved', 'trail')\ttransfer",
+        "x1\tresources/demo/x1.tif\tresources/demo/x1.gpkg\t\t\ttest",
+    ] + (["r1\tresources/demo/r1.tif\tresources/demo/r1.gpkg\t\t\tretention"] if retention else [])
+    (tmp / "scenes.tsv").write_text("scene_id\timage\tlabels\tlayer\tfilter\trole\n" + "\n".join(rows) + "\n")
+    return tmp
+
+
+def job_counts(dry_run_stdout: str) -> dict[str, int]:
+    """The "Job stats" table of a dry run: rule -> jobs."""
+    table = dry_run_stdout.split("Job stats:", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+    return {rule: int(n) for rule, n in (line.split() for line in table) if rule not in ("total", "all")}

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import make_raster
-from test_classify import package  # noqa: F401  (the module's untrained package fixture)
 
 from roadxfer.background_io import WriteBehind, read_ahead
 from roadxfer.classify import ClassifySettings, classify_scene

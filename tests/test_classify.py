@@ -19,8 +19,6 @@ from roadxfer import IGNORE_VALUE
 from roadxfer import centrelines as cl
 from roadxfer.classify import ClassifySettings, classify_scene, count_tiles, edge_weights, merge_shards, resampled_strips, shard_windows, starts, stitch
 from roadxfer.errors import InputError
-from roadxfer.model import ModelSpec, MultiTaskRoadModel
-from roadxfer.package import build_emd, write_package
 from roadxfer.raster import image_info, resampled_grid
 
 KERNEL = torch.arange(1, 26, dtype=torch.float32).view(1, 1, 5, 5) / 325.0  # asymmetric: catches flips/shifts
@@ -55,16 +53,6 @@ def test_blend_weights_cover_every_pixel():
         assert (cover > 0).all() and s[-1] + tile == n
     w = edge_weights(64, 16, 4, True, True)
     assert (w[:4] == 0).all() and (w[-4:] == 0).all() and (w[16:48] == 1).all()
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory) -> Path:
-    """An untrained but complete package (weights + .emd): enough to test the plumbing."""
-    torch.manual_seed(0)
-    spec = ModelSpec(backbone="resnet18", orientation_bins=18)
-    model = MultiTaskRoadModel(spec)
-    emd = build_emd("m", spec, tile_size=64, classes=[{"value": 1, "name": "road"}], bin_size=10, mean=[0.5] * 3, std=[0.25] * 3, cell_size=0.5, provenance={})
-    return write_package(tmp_path_factory.mktemp("pkg") / "m", model, emd)
 
 
 def test_outputs_on_input_grid_with_nodata(tmp_path, package):

@@ -63,7 +63,7 @@ def test_errors_name_the_file_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_a_16_bit_4_band_scene_with_band_selection(tmp_path):
     """An 11-bit RGB+NIR product: bands chosen and rescaled on the command line, classified by a 3-band model."""
-    from test_radiometry import satellite_scene
+    from conftest import satellite_scene
 
     image, labels = satellite_scene(tmp_path, "4band")
     steps = [

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
-from conftest import make_raster
+from conftest import make_raster, satellite_scene
 
 from roadxfer.classify import ClassifySettings, classify_scene
-from roadxfer.demo import write_scene
 from roadxfer.errors import InputError
 from roadxfer.evaluate import EvalSettings, evaluate_scene
 from roadxfer.labels import LabelSettings, rasterize_scene
@@ -22,25 +20,6 @@ from roadxfer.tiles import TileSettings, export_tiles, read_dataset
 from roadxfer.train import train, TrainConfig
 
 ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
-
-
-def satellite_scene(folder: Path, kind: str) -> tuple[Path, Path]:
-    """A demo scene re-encoded as an 11-bit, 4-band (RGB + NIR) or 1-band panchromatic uint16 product."""
-    rgb_path, labels = folder / "rgb.tif", folder / "roads.gpkg"
-    write_scene(7, rgb_path, labels, size=256)
-    with rasterio.open(rgb_path) as src:
-        rgb, profile = src.read().astype(np.uint16), src.profile
-    if kind == "4band":
-        nir = 2000 - 3 * rgb[1]
-        data = np.concatenate([rgb * 6 + 150, nir[None]])
-    else:
-        data = (rgb.sum(0, keepdims=True) * 2 + 300).astype(np.uint16)
-    path = folder / f"{kind}.tif"
-    profile.update(count=data.shape[0], dtype="uint16", photometric="MINISBLACK", nodata=None)
-    profile.pop("nodata")
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data.astype(np.uint16))
-    return path, labels
 
 
 @pytest.fixture(scope="module", params=["4band", "pan"])

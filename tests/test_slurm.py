@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import rasterio
 from slurm.cluster import Cluster, accounting_missing, why_unavailable
-from test_workflow import tiny_workflow
+from conftest import tiny_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 UNAVAILABLE = why_unavailable()
