@@ -61,18 +61,18 @@ def _jobs(text: str, rule: str) -> int:
 
 def test_demo_brings_the_shipped_model_and_pretraining_makes_it():
     demo = _dry_run("config/demo.yaml")
-    assert _jobs(demo, "train_model") == 2  # transfer and scratch; the base model is the shipped package
+    assert _jobs(demo, "train_model") == 3  # transfer, scratch and ImageNet-only; the base model is the shipped package
     pretrain = _dry_run("experiments/pretrain.yaml")
     assert _jobs(pretrain, "train_model") == 1 and _jobs(pretrain, "demo_scene") == 48
     tune = _dry_run("config/demo.yaml", "experiments/tune.yaml")
     assert "demo_tune_01" in tune and "demo_final_01" not in tune
     assert _jobs(tune, "demo_scene") == 3 + 5 + 5 + 3  # base, retention for tuning, tuning, transfer scenes
     holdout = _dry_run("config/demo.yaml", "experiments/holdout.yaml")
-    assert _jobs(holdout, "demo_scene") == _jobs(demo, "demo_scene") and _jobs(holdout, "train_model") == 2
-    # The seed spread adds four models on top of the demo's two, with the demo's scenes. (compare.yaml
-    # names the demo's tile folders, so it parses only after `make demo`.)
+    assert _jobs(holdout, "demo_scene") == _jobs(demo, "demo_scene") and _jobs(holdout, "train_model") == 3
+    # The seed spread adds six models (two more seeds of each) on top of the demo's three, with the demo's scenes.
+    # (compare.yaml names the demo's tile folders, so it parses only after `make demo`.)
     spread = _dry_run("config/demo.yaml", "experiments/tune.yaml", "experiments/spread.yaml")
-    assert _jobs(spread, "train_model") == 2 + 4 and _jobs(spread, "demo_scene") == _jobs(tune, "demo_scene")
+    assert _jobs(spread, "train_model") == 3 + 6 and _jobs(spread, "demo_scene") == _jobs(tune, "demo_scene")
 
 
 def test_seed_sets_are_disjoint():
