@@ -21,12 +21,17 @@ axis on screen, and the last channel is "no road" (the reference's layout).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet34
 
-from .model import FreezableEncoder, ModelSpec, SideNetwork
+from .blocks import FreezableEncoder, SideNetwork
+
+if TYPE_CHECKING:
+    from .model import ModelSpec
 
 FILTERS = (64, 128, 256, 512)
 BACKBONES = {"resnet34": resnet34, "resnet18": resnet18}

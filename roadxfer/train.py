@@ -74,7 +74,7 @@ class TrainConfig:
     unfreeze_lr_factor: float = default("training.unfreeze_lr_factor")
     train_bn: bool = default("training.train_bn")  # frozen encoder: its BatchNorm layers still learn (fastai's freeze)
     trainable_stages: tuple[str, ...] = field(default_factory=lambda: tuple(default("training.trainable_stages")))  # frozen encoder: these stages (e.g. conv1, bn1, layer1) still learn
-    side_channels: int = default("training.side_channels")  # a trainable side network beside the encoder (model.SideNetwork); 0: none
+    side_channels: int = default("training.side_channels")  # a trainable side network beside the encoder (blocks.SideNetwork); 0: none
     encoder_checkpoint: str | None = default("training.encoder_checkpoint")
     encoder_weights: str | None = default("training.encoder_weights")  # "imagenet": the backbone's packaged ImageNet-1k weights (roadxfer.imagenet)
     orientation_bin_size: int = default("labels.orientation_bin_size")

@@ -205,3 +205,43 @@ def test_rule_logs_are_appended_with_a_header_per_try(tmp_path):
     assert "==== rule train_model, try 1 ====" in text and "node lost" in text and "==== rule train_model, try 2 ====" in text
     assert text.index("try 1") < text.index("node lost") < text.index("try 2")
     logging.getLogger().handlers.clear()
+
+
+def test_the_package_has_no_import_cycle_and_inference_and_report_do_not_import_the_trainer():
+    """Module-level imports between roadxfer's modules form no cycle (a lazy import would hide one), and
+    classification and the report do not depend on the trainer."""
+    import ast
+
+    graph = {}
+    for path in sorted((ROOT / "roadxfer").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in tree.body:  # module level only; TYPE_CHECKING blocks hold type names, not imports at run time
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+        graph[path.stem] = {d.split(".")[0] for d in deps} - {"__init__"}
+    seen, stack = set(), []
+
+    def visit(mod):
+        assert mod not in stack, f"import cycle: {' -> '.join(stack[stack.index(mod):] + [mod])}"
+        if mod in seen or mod not in graph:
+            return
+        stack.append(mod)
+        for dep in graph[mod]:
+            visit(dep)
+        stack.pop()
+        seen.add(mod)
+
+    for mod in graph:
+        visit(mod)
+
+    def reach(mod, acc=None):
+        acc = set() if acc is None else acc
+        for dep in graph.get(mod, ()):
+            if dep not in acc:
+                acc.add(dep)
+                reach(dep, acc)
+        return acc
+
+    assert len(graph) > 30 and "train" not in reach("classify") | reach("report") | reach("vectorise")
+    assert {"step", "device", "linknet_mtl", "blocks"} <= reach("train")  # the walk sees real edges
