@@ -19,7 +19,6 @@ a ``.dlpk``; see :mod:`roadxfer.reference`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,20 +34,13 @@ from torch import nn
 from . import __version__, reference
 from .atomic import atomic_path, refuse_overlap
 from .errors import InputError
+from .package_info import find_emd, sha256_file  # noqa: F401  (sha256_file: imported from here too)
 from .model import ModelSpec, build_model, raw_pixel_scaling, read_state_dict
 from .radiometry import Radiometry
 from .styles import complete_classes
 
 log = logging.getLogger(__name__)
 
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -180,17 +172,6 @@ def share_package(src: str | Path, dst: str | Path, *, half: bool = True) -> Pat
     return Path(dst)
 
 
-def _find_emd(path: Path) -> Path:
-    if path.is_file() and path.suffix == ".emd":
-        return path
-    if path.is_dir():
-        candidates = [path / f"{path.name}.emd"] + sorted(path.glob("*.emd"))
-        for c in candidates:
-            if c.is_file():
-                return c
-    raise InputError(path, "is not a model package: no .emd model definition found", "point to a package folder (roadxfer's or the reference tool's), its .emd file or a .dlpk")
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -259,7 +240,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Pac
                 raise InputError(path, f"{exc.problem}{f' (member {member})' if member and str(member) != '.' else ''}", exc.fix) from exc
         pkg.path = path
         return pkg
-    emd_path = _find_emd(path)
+    emd_path = find_emd(path)
     if emd_path.stat().st_size > reference.MAX_EMD_BYTES:
         raise InputError(emd_path, f"model definition is {emd_path.stat().st_size / 1e6:.0f} MB; a .emd is a few kB", "use the package's own .emd")
     try:

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import InputError
-from .model import REFERENCE_ARCH, ModelSpec
+from .spec import REFERENCE_ARCH, ModelSpec
 
 log = logging.getLogger(__name__)
 

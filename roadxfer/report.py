@@ -243,28 +243,28 @@ def retention_per_scene(per_scene: pd.DataFrame, scenes: Sequence[str], baseline
 
 
 def _provenance(models: Mapping[str, str]) -> pd.DataFrame:
+    """How each model was made, from its package's record (ours or the reference tool's; no network is loaded)."""
     rows = []
-    from .package import load_package  # ours or the reference tool's: the same fields either way
+    from .package_info import package_info
 
     for name, path in models.items():
-        pkg = load_package(path)
-        emd = pkg.emd
-        p = {**emd["roadxfer"], "weights_sha256": pkg.weights_sha256}
+        info = package_info(path)
+        p = info["provenance"]
         cfg = p.get("training_config", {})
         best = p.get("best", {})
         rows.append({
             "model": name,
-            "architecture": f"{emd['ModelParameters']['mtl_model']}/{emd['ModelParameters']['backbone']}",
+            "architecture": info["architecture"],
             "parent": (p.get("parent") or {}).get("name", "—"),
             "parent sha256": ((p.get("parent") or {}).get("weights_sha256") or "—")[:16],
             "encoder frozen": cfg.get("freeze"),
-            "side network": pkg.spec.side_channels or "—",
+            "side network": info["side_channels"] or "—",
             "keep pretrained": cfg.get("keep_pretrained"),
             "tiles": p.get("training_data", {}).get("tiles"),
             "data sha256": p.get("training_data", {}).get("sha256", "")[:16],
             "epochs": p.get("epochs_run"),
             "best val road IoU": best.get("val_road_iou"),
-            "weights sha256": p.get("weights_sha256", "")[:16],
+            "weights sha256": (info["weights_sha256"] or "")[:16],
             "code": p.get("code_version") or ("imported: " + Path(p["imported_from"]).name if p.get("imported_from") else None),
         })
     return pd.DataFrame(rows)

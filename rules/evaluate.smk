@@ -100,8 +100,8 @@ rule report:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../envs/torch.yaml"
+        "../envs/geo.yaml"
     container:
-        container_for("torch")
+        container_for("geo")
     script:
         "../scripts/report.py"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from spython.main.parse.parsers import SingularityParser
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, SHIPPED_MODEL
 ENVS = sorted((ROOT / "envs").glob("*.yaml"))
 DEFS = sorted((ROOT / "containers").glob("*.def"))
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)$")
@@ -161,7 +161,12 @@ def test_geo_rules_do_not_need_torch():
     import subprocess
     import sys
 
-    code = "import sys; import roadxfer.glue, roadxfer.settings, roadxfer.report, roadxfer.vectorise, roadxfer.centrelines, roadxfer.demo, roadxfer.labels, roadxfer.tiles, roadxfer.evaluate; print('torch' in sys.modules)"
+    # The report describes every model from its package record (ours and the reference tool's) without loading a network.
+    code = ("import sys; import roadxfer.glue, roadxfer.settings, roadxfer.report, roadxfer.vectorise, roadxfer.centrelines, roadxfer.demo, roadxfer.labels, "
+            "roadxfer.tiles, roadxfer.evaluate; "
+            f"rows = roadxfer.report._provenance({{'base': {str(SHIPPED_MODEL)!r}, 'ref': 'tests/data/arcgis-mtre-linknet34'}}); "
+            "assert list(rows['architecture']) == ['linknet/timm-tf_efficientnet_lite0', 'linknet34_mtl/resnet34'], rows; "
+            "assert all(len(w) == 16 for w in rows['weights sha256']); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
