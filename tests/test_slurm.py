@@ -78,14 +78,15 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
 
 def test_failing_rule_fails_the_run_and_points_at_its_log(cluster, tmp_path):
     wf = tiny_workflow(tmp_path, extra=SMALL)
-    # A test scene whose labels carry class value 0: rasterize_labels must fail on the cluster.
+    # A transfer scene whose labels carry class value 0: rasterize_labels must fail on the cluster (a test scene gets no
+    # label raster: it is scored against its lines).
     import geopandas as gpd
     from shapely.geometry import LineString
 
     (wf / "bad").mkdir()
     gpd.GeoDataFrame({"Classvalue": [0]}, geometry=[LineString([(640_300, 3_999_990), (640_320, 3_999_980)])], crs="EPSG:32611").to_file(wf / "bad/zero.gpkg")
     with open(wf / "scenes.tsv", "a") as f:
-        f.write("bad1\tresources/demo/x1.tif\tbad/zero.gpkg\t\t\ttest\n")
+        f.write("bad1\tresources/demo/x1.tif\tbad/zero.gpkg\t\t\ttransfer\n")
     # Polled through the accounting database (sacct), the other status command users may choose, where the
     # cluster keeps accounting: the successes (demo scenes) and the failure are both seen there.
     poll = ("--slurm-status-command", "sacct") if cluster.accounting else ()
@@ -114,9 +115,12 @@ def test_a_sharded_scene_runs_its_shards_as_separate_jobs(cluster, tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     jobs = [j for j in cluster.jobs() if j["id"] not in before]
     shards = sorted(j["comment"].rsplit("_", 1)[-1] for j in jobs if j["comment"].startswith("rule_classify_shard"))
-    assert shards == ["r0c0", "r0c1", "r1c0", "r1c1"] and len({j["id"] for j in jobs}) == 5  # four shard jobs and the join
+    assert shards == ["r0c0", "r0c1", "r1c0", "r1c1"] and len({j["id"] for j in jobs}) == 6  # four shard jobs, the join, the road graph
     join = next(j for j in jobs if j["comment"].startswith("rule_classify_scene"))
-    assert "gres:gpu" not in cluster.job_details(join["id"])  # joining needs no GPU
+    vectorise = next(j for j in jobs if j["comment"].startswith("rule_vectorise_scene"))
+    for job in (join, vectorise):  # joining and tracing the road graph need no GPU
+        assert "gres:gpu" not in cluster.job_details(job["id"])
+    assert vectorise["partition"] == "cpu"  # the road graph is a CPU job, on the profile's CPU partition
     with rasterio.open(wf / "results/classified/base/x1/classes.tif") as c, rasterio.open(wf / "resources/demo/x1.tif") as img:
         assert (c.transform, c.shape) == (img.transform, img.shape)
 
