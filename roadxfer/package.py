@@ -34,7 +34,7 @@ from torch import nn
 from . import __version__, reference
 from .atomic import atomic_path, refuse_overlap
 from .errors import InputError
-from .package_info import find_emd, sha256_file  # noqa: F401  (sha256_file: imported from here too)
+from .package_info import find_emd, read_emd, sha256_file  # noqa: F401  (sha256_file: imported from here too)
 from .model import ModelSpec, build_model, raw_pixel_scaling, read_state_dict
 from .radiometry import Radiometry
 from .styles import complete_classes
@@ -241,15 +241,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Pac
         pkg.path = path
         return pkg
     emd_path = find_emd(path)
-    if emd_path.stat().st_size > reference.MAX_EMD_BYTES:
-        raise InputError(emd_path, f"model definition is {emd_path.stat().st_size / 1e6:.0f} MB; a .emd is a few kB", "use the package's own .emd")
-    try:
-        emd = json.loads(emd_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise InputError(emd_path, f"model definition is corrupt ({detail})", "re-export or re-train the model") from exc
-    if not isinstance(emd, dict):
-        raise InputError(emd_path, "model definition is not a JSON object", "re-export or re-train the model")
+    emd = read_emd(emd_path)  # size, JSON and object checked, as the report's reader does
     if reference.is_reference_emd(emd):
         return _load_reference(emd_path, emd, device)
     if emd.get("Framework") != "roadxfer" or emd.get("ModelName") != "MultiTaskRoadExtractor":
