@@ -156,16 +156,35 @@ def check_config(config: Mapping[str, Any], *, source: str = "config") -> None:
         if pretrained and pretrained not in models and not Path(pretrained).exists():
             raise InputError(source, f"models.{name}.pretrained {pretrained!r} is neither a model of `models:` nor an existing path",
                              f"use one of {sorted(models)} or the path of a package folder, .emd or .dlpk")
-        for key in ("datasets", "rehearsal"):
-            for entry in model.get(key, []):
-                if entry not in ROLES and not Path(entry).exists():
-                    raise InputError(source, f"models.{name}.{key} entry {entry!r} is neither a role ({', '.join(ROLES)}) nor an existing Classified Tiles folder",
-                                     "fix the role name or the folder path")
     for role in config.get("tiles_by_role", {}):
         if role not in ROLES:
             raise InputError(source, f"tiles_by_role.{role}: {role!r} is not a role ({', '.join(ROLES)})", "use a role of the scene sheet")
     _check_classify_geometry(config, source)
     _check_image(config.get("image", {}), source)
+
+
+def check_model_data(config: Mapping[str, Any], roles_of: Mapping[str, str], *, source: str = "config", sheet: str = "the scene sheet") -> None:
+    """Every entry of a model's ``datasets`` and ``rehearsal`` is a role, a scene of the sheet
+    with a training role (``roles_of``: scene_id -> role), or an existing Classified Tiles folder.
+
+    A test, retention or predict scene named there would leak into training: refused.
+    """
+    from .sheet import TRAINING_ROLES
+
+    for name, model in (config.get("models") or {}).items():
+        if model.get("package"):
+            continue
+        for key in ("datasets", "rehearsal"):
+            for entry in model.get(key) or []:
+                if entry in ROLES:
+                    continue
+                if entry in roles_of:
+                    if roles_of[entry] not in TRAINING_ROLES:
+                        raise InputError(sheet, f"models.{name}.{key} names scene {entry!r}, whose role is {roles_of[entry]!r}: a model would train on a scene it is scored on",
+                                         f"name scenes of role {' or '.join(TRAINING_ROLES)} there, or give {entry!r} such a role in the sheet")
+                elif not Path(entry).exists():
+                    raise InputError(source, f"models.{name}.{key} entry {entry!r} is neither a role ({', '.join(ROLES)}), a scene of {sheet}, nor an existing Classified Tiles folder",
+                                     "fix the role, the scene_id or the folder path")
 
 
 def _check_image(image: Mapping[str, Any], source: str) -> None:

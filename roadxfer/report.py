@@ -29,6 +29,7 @@ from rasterio.windows import Window
 from . import IGNORE_VALUE, __version__
 from .atomic import atomic_path
 from .provenance import code_version
+from .sample_curve import NEW_TYPES, curve_figure, curve_of, curve_table, curve_wide, fewest_scene_checks
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -242,6 +243,53 @@ def retention_per_scene(per_scene: pd.DataFrame, scenes: Sequence[str], baseline
     return out[keep].sort_values(["road_type", "scene"], kind="stable").reset_index(drop=True)
 
 
+def per_scene_new_roads(per_scene: pd.DataFrame, models: Sequence[str], replicates: Mapping[str, Sequence[str]] | None = None,
+                        types: Sequence[str] = NEW_TYPES) -> pd.DataFrame:
+    """F1 on the new road types pooled, per test scene and model: their counts summed (each
+    predicted pixel belongs to the nearest reference's type, so the shares do not overlap).
+    A model with replicates gets the mean over its runs, with the lowest and highest."""
+    replicates = replicates or {}
+    sub = per_scene[per_scene["road_type"].isin(list(types))]
+    pooled = sub.groupby(["scene", "model"], sort=False)[["tp", "fp", "fn"]].sum()
+    den = 2 * pooled["tp"] + pooled["fp"] + pooled["fn"]
+    pooled["f1"] = np.where(den > 0, 2 * pooled["tp"] / den.where(den > 0, 1), np.nan)
+    pooled = pooled.reset_index()
+    repeats = {r for reps in replicates.values() for r in reps}
+    rows = []
+    for scene in dict.fromkeys(pooled["scene"]):
+        for model in models:
+            if model in repeats:
+                continue
+            runs = [model, *replicates.get(model, [])]
+            vals = pooled[(pooled["scene"] == scene) & pooled["model"].isin(runs)]["f1"].dropna()
+            if len(vals):
+                rows.append({"scene": scene, "model": model, "runs": len(vals), "f1": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max())})
+    return pd.DataFrame(rows, columns=["scene", "model", "runs", "f1", "min", "max"])
+
+
+def new_roads_wide(table: pd.DataFrame) -> pd.DataFrame:
+    """Scenes as rows, models as columns, ``mean (min-max)`` where a model has replicates."""
+    cells = table.assign(cell=[f"{f:.3f} ({lo:.3f}-{hi:.3f})" if r > 1 else f"{f:.3f}" for f, lo, hi, r in zip(table["f1"], table["min"], table["max"], table["runs"])])
+    wide = cells.pivot_table(index="scene", columns="model", values="cell", aggfunc="first", sort=False)
+    return wide[list(dict.fromkeys(table["model"]))].reset_index().fillna("")
+
+
+def new_road_checks(table: pd.DataFrame, transfer: str, controls: Mapping[str, str], floor: float) -> list[dict[str, Any]]:
+    """The across-landscape target, per test scene: the transfer model's new-road F1 >= ``floor``
+    and above every control's there (``controls``: label -> model)."""
+    rows = []
+    f1 = table.set_index(["scene", "model"])["f1"]
+    for scene in dict.fromkeys(table["scene"]):
+        if (scene, transfer) not in f1.index:
+            continue
+        a = float(f1[(scene, transfer)])
+        others = {label: float(f1[(scene, m)]) for label, m in controls.items() if (scene, m) in f1.index}
+        rows.append({"check": f"new roads on {scene}: transfer F1 (unpaved and trail) >= {floor:g}" + "".join(f" and > {label}" for label in others),
+                     "value": f"{a:.3f}" + (" vs " + " / ".join(f"{v:.3f}" for v in others.values()) if others else ""),
+                     "pass": a >= floor and all(a > v for v in others.values())})
+    return rows
+
+
 def _provenance(models: Mapping[str, str]) -> pd.DataFrame:
     """How each model was made, from its package's record (ours or the reference tool's; no network is loaded)."""
     rows = []
@@ -289,12 +337,16 @@ def write_report(
     items: Mapping[str, str | Path] | None = None,
     retention_csv: str | Path | None = None,
     retention_scenes: Mapping[str, str] | None = None,
+    sample_sizes: Mapping[str, int] | None = None,
 ) -> None:
     """Write the report; every image is inlined, so the single file can be mailed or archived.
 
     ``retention_scenes`` (scene -> image) also get before/after figures, over the window
     where the transfer model adds the most road there: on the base domain, that is where
     it finds new roads or makes false ones.
+
+    ``sample_sizes`` (model -> number of training scenes) places the models of
+    ``evaluation.sample_curve`` on the sample-size curve.
 
     ``items`` (optional) also writes the report's parts as files for Snakemake's own
     report: ``targets`` (CSV), ``charts`` (PNG), and the folders ``before_after``
@@ -316,10 +368,21 @@ def write_report(
              f"<p>Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by roadxfer {__version__}, code <code>{html.escape(code_version())}</code>. "
              f"Models: {html.escape(', '.join(names))}. Test scenes: {html.escape(', '.join(test_scenes))}.</p>"]
     replicates = {m: list(r) for m, r in (ev.get("replicates") or {}).items() if m in names and set(r) <= set(names)}
+    curves = {c: [m for m in ms if m in names] for c, ms in (ev.get("sample_curve") or {}).items()}
+    curves = {c: ms for c, ms in curves.items() if len(ms) > 1}
+    curve = curve_table(summary, curves, sample_sizes or {}, replicates) if curves else None
+    new_roads = per_scene_new_roads(per_scene, names, replicates)
     if baseline in names and transfer in names:
         checked, kept = (summary, retention) if not replicates else (mean_over_replicates(summary, replicates), None if retention is None else mean_over_replicates(retention, replicates))
         t = targets(checked, baseline, transfer, control if control in names else None, kept, ev.get("retained_types") or (),
                     imagenet if imagenet in names else None)
+        more = []
+        if curve is not None and curve_of(curves, transfer) and curve_of(curves, control):
+            more += fewest_scene_checks(curve, curve_of(curves, transfer), curve_of(curves, control), label="scratch")
+        if ev.get("new_road_floor") is not None:
+            controls = {label: m for label, m in (("scratch", control), ("ImageNet-only", imagenet)) if m and m in names}
+            more += new_road_checks(new_roads, transfer, controls, float(ev["new_road_floor"]))
+        t = pd.concat([t, pd.DataFrame(more)], ignore_index=True) if more else t
         if len(t):
             files["targets"] = t.to_csv(index=False).encode()
             parts += ["<h2>Did the transfer work?</h2>"]
@@ -334,6 +397,18 @@ def write_report(
               "(direction.tif) is within 15 degrees of the line's.</p>",
               _table(summary[[c for c in cols if c in summary]]), f"<img alt='bar charts' src='{_uri(files.setdefault('charts', bar_charts(summary, names)))}'>",
               "<h3>Per scene</h3>", _table(per_scene[[c for c in cols + ['scene'] if c in per_scene]])]
+    if len(new_roads):
+        parts += ["<h3>New roads per test scene</h3>",
+                  f"<p>F1 on the new road types ({', '.join(NEW_TYPES)}) pooled, per test scene: a model that learnt them in one landscape "
+                  "should find them in the others too. A repeated model shows the mean over its runs (lowest-highest).</p>",
+                  _table(new_roads_wide(new_roads))]
+    if curve is not None and len(curve):
+        files["sample_curve"] = curve_figure(curve)
+        parts += ["<h2>Fewer samples: the sample-size curve</h2>",
+                  "<p>Each kind of start trained on fewer of the training scenes (evaluation.sample_curve), scored on the same test scenes: "
+                  "pixel F1 of the new road types and APLS, the mean over each point's runs (training seeds), the band and the brackets their range. "
+                  "Transfer learning is for few samples: the pretrained start should pay most where samples are fewest.</p>",
+                  f"<img alt='sample-size curve' src='{_uri(files['sample_curve'])}'>", _table(curve_wide(curve))]
     if replicates:
         parts += ["<h3>Run-to-run spread</h3>", "<p>Each repeated model and its replicates (the same data and settings, other training seeds): "
                   "mean, lowest and highest F1 per road type over the test scenes, and APLS.</p>", _table(spread(summary, replicates))]

@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)
 
-from roadxfer.config import ROLES as SHEET_ROLES, check_config, check_moved, check_plain
+from roadxfer.config import ROLES as SHEET_ROLES, check_config, check_model_data, check_moved, check_plain
 from roadxfer.errors import InputError
 from roadxfer.sheet import check_scene_sizes, check_sheet, read_sheet
 from roadxfer.styles import complete_classes
@@ -26,6 +26,7 @@ DEMO_FILES = [
 _sheet = read_sheet(config["scenes"])
 validate(_sheet, schema="../schemas/scenes.schema.yaml")
 scenes = check_sheet(_sheet, config["scenes"], producible=DEMO_FILES)
+check_model_data(config, dict(zip(scenes.index, scenes["role"])), source="config (merged --configfile files)", sheet=config["scenes"])
 check_scene_sizes(
     _sheet,
     config["scenes"],
@@ -99,20 +100,30 @@ _unknown = sorted(set(config["classify"]["models"]) - set(MODELS))
 if _unknown:
     raise InputError(None, f"classify.models names unknown model(s) {_unknown}", f"use names from `models:` ({sorted(MODELS)})")
 _replicates = config["evaluation"]["replicates"]
-_unclassified = sorted({m for head, reps in _replicates.items() for m in [head, *reps]} - set(CLASSIFY_MODELS))
-if _unclassified:
-    raise InputError(None, f"evaluation.replicates names model(s) {_unclassified} that are not classified", "list them in `models:` and in `classify.models`")
+for _key, _groups in (("replicates", {h: [h, *r] for h, r in _replicates.items()}), ("sample_curve", config["evaluation"]["sample_curve"])):
+    _unclassified = sorted({m for group in _groups.values() for m in group} - set(CLASSIFY_MODELS))
+    if _unclassified:
+        raise InputError(None, f"evaluation.{_key} names model(s) {_unclassified} that are not classified", "list them in `models:` and in `classify.models`")
 
 
 def model_datasets(name, key="datasets"):
-    """Tile folders of a model (or of its rehearsal): roles of the scene sheet expand to their scenes' tiles."""
+    """Tile folders of a model (or of its rehearsal): roles of the scene sheet expand to their
+    scenes' tiles, a scene of the sheet to its own (a model trained on some of a role's scenes,
+    e.g. a 1-2-3-scene curve), anything else is a Classified Tiles folder."""
     folders = []
     for entry in MODELS[name].get(key, []):
         if entry in SHEET_ROLES:
             folders += [f"results/tiles/{s}" for s in scenes_with_role(entry)]
+        elif entry in scenes.index:
+            folders.append(f"results/tiles/{entry}")
         else:
             folders.append(entry)
     return folders
+
+
+def sample_sizes(wildcards):
+    """Training scenes (tile folders) of each model on a sample-size curve: the curve's x axis."""
+    return {m: len(model_datasets(m)) for curve in config["evaluation"]["sample_curve"].values() for m in curve}
 
 
 def model_path(name):

@@ -91,6 +91,7 @@ rule report:
         test_scenes=lambda wc: {s: scenes.loc[s, "image"] for s in scenes_with_role("test")},
         retention_scenes=lambda wc: {s: scenes.loc[s, "image"] for s in scenes_with_role("retention")},
         models=CLASSIFY_MODELS,
+        sample_sizes=sample_sizes,
     log:
         "logs/report/report.log",
     benchmark:

@@ -18,6 +18,7 @@ run_logged(
         retention_scenes=sm.params.retention_scenes,
         config=sm.params.config,
         scene_sheet=sm.params.scene_sheet,
+        sample_sizes=sm.params.sample_sizes,
         items={k: sm.output[k] for k in ("targets", "charts", "before_after", "training")},
     ),
 )

@@ -50,21 +50,39 @@ def test_replicates_must_be_classified(tmp_path):
     assert out.returncode != 0 and "evaluation.replicates names model(s) ['transfer_s43'] that are not classified" in out.stdout + out.stderr
 
 
+def test_a_model_trains_on_scenes_named_by_id_but_never_on_a_test_scene(tmp_path):
+    wf = tiny_workflow(tmp_path, extra="models: {one: {datasets: [t1], rehearsal: [b1]}}\nclassify: {models: [base, transfer, scratch, one]}\n")
+    out = smk("--configfile", "cfg.yaml", "--dry-run", "--forceall", cwd=wf)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job = out.stdout.split("output: results/models/one\n")[0].rsplit("rule train_model:", 1)[1]
+    assert "input: results/tiles/t1, results/tiles/b1\n" in job
+    (wf / "leak.yaml").write_text("models: {one: {datasets: [t1, x1]}}\n")
+    out = smk("--configfile", "cfg.yaml", "leak.yaml", "--dry-run", cwd=wf)
+    assert out.returncode != 0 and "models.one.datasets names scene 'x1', whose role is 'test'" in out.stdout + out.stderr
+    (wf / "typo.yaml").write_text("models: {one: {datasets: [t2]}}\n")
+    out = smk("--configfile", "cfg.yaml", "typo.yaml", "--dry-run", cwd=wf)
+    assert out.returncode != 0 and "models.one.datasets entry 't2' is neither a role" in out.stdout + out.stderr
+
+
 def test_invalid_config_value_is_refused(tmp_path):
     wf = tiny_workflow(tmp_path, extra="tiles: {tile_size: 100}\n")
     out = smk("--configfile", "cfg.yaml", "--dry-run", cwd=wf)
     assert out.returncode != 0 and "multiple of 32" in out.stdout + out.stderr
 
 
+MODELS = "base, transfer, scratch, transfer_r2, transfer_2, scratch_2"
+
+
 @pytest.mark.workflow
 def test_small_demo_runs_end_to_end(tmp_path):
     # As the demo: a side network beside the frozen encoder, and a scene of the base domain for retention.
     # A repeat of the transfer model with another training seed: the checks read the mean of the two.
+    # A sample-size curve: transfer and scratch on one scene (t1) and on two (t1 and the base scene b1, named by scene_id).
     wf = tiny_workflow(tmp_path, retention=True, extra=(
         "models: {transfer: {training: {side_channels: 4}}, transfer_r2: {datasets: [transfer], pretrained: base, freeze: true, training: {side_channels: 4, seed: 43}},"
-        " scratch: {training: {lr: auto}}}\n"
-        "classify: {models: [base, transfer, scratch, transfer_r2]}\n"
-        "evaluation: {replicates: {transfer: [transfer_r2]}}\n"))
+        " scratch: {training: {lr: auto}}, transfer_2: {datasets: [t1, b1], pretrained: base, freeze: true}, scratch_2: {datasets: [t1, b1]}}\n"
+        f"classify: {{models: [{MODELS}]}}\n"
+        "evaluation: {replicates: {transfer: [transfer_r2]}, sample_curve: {transfer: [transfer, transfer_2], scratch: [scratch, scratch_2]}, new_road_floor: 0.0}\n"))
     out = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wf)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with rasterio.open(wf / "resources/demo/t1.tif") as img, rasterio.open(wf / "results/labels/t1/label.tif") as lab:
@@ -85,27 +103,32 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert record["parent"]["name"] == "base" and record["spec"]["side_channels"] == 4
     summary = (wf / "results/evaluation/summary.csv").read_text().splitlines()
     assert summary[0].startswith("model,road_type,tp,fp,fn") and {"apls", "direction_acc15"} <= set(summary[0].split(","))
-    assert {line.split(",")[0] for line in summary[1:]} == {"base", "transfer", "scratch", "transfer_r2"}
+    assert {line.split(",")[0] for line in summary[1:]} == set(MODELS.split(", "))
+    assert json.loads((wf / "results/models/transfer_2/transfer_2.emd").read_text())["roadxfer"]["training_data"]["tiles"] > record["training_data"]["tiles"]
     report = (wf / "results/report/report.html").read_text()
     assert "direction_acc15" in report
     assert "transfer (2 runs)" in report and report.count("Run-to-run spread") == 2  # test scenes and retention scenes
     assert report.count("<table") >= 4 and "data:image/png;base64," in report and "data:image/gif;base64," in report
     assert "Did the transfer work?" in report and "weights sha256" in report and "side network" in report
+    # The curve: its section and figure, the fewest-scene check (one scene) and the per-scene new-road check.
+    assert "the sample-size curve" in report and "alt='sample-size curve'" in report and "New roads per test scene" in report
+    checks = (wf / "results/report/targets.csv").read_text()
+    assert "1 transfer scene: transfer F1 >= scratch F1 + 0.05" in checks and "new roads on x1: transfer F1 (unpaved and trail) >= 0 and > scratch" in checks
     # Retention: pooled and per scene, and a before/after figure of the base-domain scene.
     assert "retention (paved)" in report and "within 0.03" in report  # the per-scene table
     assert "Before and after: the base domain" in report and "r1 side by side" in report
-    assert {line.split(",")[0] for line in (wf / "results/evaluation/retention.csv").read_text().splitlines()[1:]} == {"base", "transfer", "scratch", "transfer_r2"}
+    assert {line.split(",")[0] for line in (wf / "results/evaluation/retention.csv").read_text().splitlines()[1:]} == set(MODELS.split(", "))
     # A vectorising setting changed: only the road graphs (and what reads them) are made again, no model runs.
     (wf / "vec.yaml").write_text("vectorise: {min_line_length: 7.5}\n")
     dry = smk("--configfile", "cfg.yaml", "vec.yaml", "--dry-run", cwd=wf)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     jobs = job_counts(dry.stdout)
-    assert jobs.get("vectorise_scene") == 8 and "classify_scene" not in jobs and "train_model" not in jobs, jobs
+    assert jobs.get("vectorise_scene") == 12 and "classify_scene" not in jobs and "train_model" not in jobs, jobs
     assert {"evaluate_scene", "report"} <= set(jobs)
     # And a classification setting that vectorising does not read re-runs classification, not training.
-    (wf / "cls.yaml").write_text("classify: {models: [base, transfer, scratch, transfer_r2], tta: true}\n")
+    (wf / "cls.yaml").write_text(f"classify: {{models: [{MODELS}], tta: true}}\n")
     jobs = job_counts(smk("--configfile", "cfg.yaml", "cls.yaml", "--dry-run", cwd=wf).stdout)
-    assert jobs.get("classify_scene") == 8 and "train_model" not in jobs, jobs
+    assert jobs.get("classify_scene") == 12 and "train_model" not in jobs, jobs
     scratch = json.loads((wf / "results/models/scratch/scratch.emd").read_text())["roadxfer"]  # lr: auto through the workflow
     assert scratch["training_config"]["lr"] == "auto" and 1e-7 <= scratch["lr_found"] < 10
     assert (wf / "results/models/scratch/ModelCharacteristics/lr_find.png").is_file()
