@@ -34,7 +34,7 @@ from torch import nn
 from . import __version__, reference
 from .atomic import atomic_path, refuse_overlap
 from .errors import InputError
-from .package_info import find_emd, read_emd, sha256_file  # noqa: F401  (sha256_file: imported from here too)
+from .package_info import find_emd, naming_archive, read_emd, sha256_file  # noqa: F401  (sha256_file: imported from here too)
 from .model import ModelSpec, build_model, raw_pixel_scaling, read_state_dict
 from .radiometry import Radiometry
 from .styles import complete_classes
@@ -231,13 +231,9 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu") -> Pac
     if not path.exists():
         raise InputError(path, "model package does not exist", "train it first or fix the path in the config")
     if path.is_file() and path.suffix.lower() == ".dlpk":
-        with tempfile.TemporaryDirectory(prefix="roadxfer-dlpk-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="roadxfer-dlpk-") as tmp, naming_archive(path, Path(tmp)):
             reference.extract_dlpk(path, Path(tmp))
-            try:
-                pkg = load_package(tmp, device=device)
-            except InputError as exc:  # name the archive (and its member), not a temporary folder that is gone
-                member = Path(exc.path).resolve().relative_to(Path(tmp).resolve()) if exc.path and Path(exc.path).resolve().is_relative_to(Path(tmp).resolve()) else None
-                raise InputError(path, f"{exc.problem}{f' (member {member})' if member and str(member) != '.' else ''}", exc.fix) from exc
+            pkg = load_package(tmp, device=device)
         pkg.path = path
         return pkg
     emd_path = find_emd(path)

@@ -7,9 +7,11 @@ checks the weights and builds the network; this only describes the package.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,20 @@ def read_emd(emd_path: Path) -> dict[str, Any]:
     return emd
 
 
+@contextlib.contextmanager
+def naming_archive(archive: Path, folder: Path) -> Iterator[None]:
+    """Errors about a package unpacked from ``archive`` into ``folder`` name the archive (and the
+    member at fault), not a temporary folder that is gone when the user reads the message."""
+    try:
+        yield
+    except InputError as exc:
+        inner = Path(exc.path).resolve() if exc.path else None
+        member = inner.relative_to(folder.resolve()) if inner is not None and inner.is_relative_to(folder.resolve()) else None
+        if exc.path and member is None:
+            raise
+        raise InputError(archive, f"{exc.problem}{f' (member {member})' if member and str(member) != '.' else ''}", exc.fix) from exc
+
+
 def package_info(path: str | Path) -> dict[str, Any]:
     """``{"emd", "provenance", "weights_sha256", "architecture", "side_channels"}`` of a package, without torch.
 
@@ -61,9 +77,12 @@ def package_info(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise InputError(path, "model package does not exist", "train it first or fix the path in the config")
     if path.is_file() and path.suffix.lower() == ".dlpk":
-        with tempfile.TemporaryDirectory(prefix="roadxfer-dlpk-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="roadxfer-dlpk-") as tmp, naming_archive(path, Path(tmp)):
             reference.extract_dlpk(path, Path(tmp))
-            return package_info(tmp)
+            info = package_info(tmp)
+        if "imported_from" in info["provenance"]:
+            info["provenance"]["imported_from"] = str(path)
+        return info
     emd_path = find_emd(path)
     emd = read_emd(emd_path)
     weights = (emd_path.parent / str(emd.get("ModelFile") or f"{emd_path.stem}.pth")).resolve()

@@ -388,6 +388,12 @@ def test_malformed_emd_fields_are_named_even_inside_a_dlpk(tmp_path, package, em
     with pytest.raises(InputError, match=pattern) as err:
         load_package(archive)
     assert str(err.value).startswith(f"{archive}:") and "roadxfer-dlpk-" not in str(err.value)  # the archive, not a deleted temporary folder
+    if "nested" in pattern:  # the report's torch-free reader checks the .emd as JSON only, and names the archive too
+        from roadxfer.package_info import package_info
+
+        with pytest.raises(InputError, match=pattern) as err:
+            package_info(archive)
+        assert str(err.value).startswith(f"{archive}:") and "roadxfer-dlpk-" not in str(err.value)
 
 
 # --- clear errors where tracebacks were ---------------------------------------------------------

@@ -92,6 +92,10 @@ def test_emd_and_dlpk_import_the_same_model(tmp_path):
     a, b, c = (p.model.state_dict() for p in (by_folder, by_emd, by_dlpk))
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     assert not any(tmp_path.glob("roadxfer-dlpk-*"))  # unpacked into a temporary folder, then removed
+    from roadxfer.package_info import package_info  # the report's torch-free reader: the same weights, the archive as the source
+
+    info = package_info(dlpk)
+    assert info["weights_sha256"] == _sha256(PTH) and info["provenance"] == {"imported_from": str(dlpk)}
 
 
 def test_classification_of_the_fixture_chips_matches_the_reference(ref, tmp_path):
