@@ -20,6 +20,7 @@ SHIPPED_MODEL = ROOT / yaml.safe_load((ROOT / "config" / "demo.yaml").read_text(
 
 UTM = "EPSG:32611"
 X0, Y0 = 500_000.0, 4_000_000.0
+ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]  # the one class most tests train and classify
 
 
 def make_raster(

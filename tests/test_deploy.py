@@ -7,7 +7,6 @@ text: they parse, pin every package exactly, and agree with requirements.lock.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import make_raster, random_package
+from conftest import ROAD, ROOT, make_raster, random_package
 
 from roadxfer.classify import ClassifySettings, classify_scene
 from roadxfer.demo import write_scene
@@ -31,8 +31,6 @@ from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.tiles import TileSettings, export_tiles
 from roadxfer.train import train, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 FAST = {"backbone": "resnet18", "batch_size": 4, "epochs": 2, "patience": 0, "val_fraction": 0.25, "val_split": "tile"}
 
 

@@ -22,7 +22,7 @@ import pytest
 import rasterio
 import torch
 import yaml
-from conftest import make_raster, make_vectors, random_package
+from conftest import ROAD, ROOT, make_raster, make_vectors, random_package
 from shapely.geometry import LineString
 
 from roadxfer.atomic import MARKER, atomic_path
@@ -36,8 +36,6 @@ from roadxfer.report import targets_html
 from roadxfer.sources import OPT_IN, check_local_input
 from roadxfer.vectors import local_utm, read_vectors
 
-ROOT = Path(__file__).resolve().parents[1]
-ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
 
 def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import rasterio
-from conftest import make_raster, satellite_scene
+from conftest import ROAD, make_raster, satellite_scene
 
 from roadxfer.classify import ClassifySettings, classify_scene
 from roadxfer.errors import InputError
@@ -19,7 +19,6 @@ from roadxfer.raster import image_info, read_window
 from roadxfer.tiles import TileSettings, export_tiles, read_dataset
 from roadxfer.train import train, TrainConfig
 
-ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
 
 @pytest.fixture(scope="module", params=["4band", "pan"])

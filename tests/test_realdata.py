@@ -7,24 +7,22 @@ class field, and a burned-in logo and credit line masked out with ``ignore_windo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 
+from conftest import ROAD, ROOT
 from roadxfer.classify import ClassifySettings, classify_scene
 from roadxfer.evaluate import EvalSettings, evaluate_scene
 from roadxfer.labels import LabelSettings, rasterize_scene
 from roadxfer.tiles import TileSettings, export_tiles, read_dataset
 from roadxfer.train import train, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "spacenet-vegas"
 IMAGE = DATA / "RGB-PanSharpen_AOI_2_Vegas_img0.tif"
 ROADS = DATA / "AOI_2_Vegas_img0.geojson"
 LOGOS = [[1255, 0, 45, 300], [1170, 1020, 70, 270]]  # credit line and SpaceNet logo: row, column, height, width
-ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 
 
 pytestmark = pytest.mark.slow  # a real scene labelled, tiled, trained on and classified: about a minute

@@ -19,7 +19,7 @@ import pytest
 import rasterio
 import torch
 import torchvision
-from conftest import X0, Y0, make_raster, make_vectors
+from conftest import ROAD, ROOT, X0, Y0, make_raster, make_vectors
 from shapely.geometry import LineString
 
 from roadxfer.classify import ClassifySettings, classify_scene
@@ -33,11 +33,9 @@ from roadxfer.package import load_package
 from roadxfer.tiles import TileSettings, export_tiles, read_dataset, write_layout
 from roadxfer.train import train, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "data" / "arcgis-mtre-linknet34"
 EMD = FIX / "esri_mtre_linknet34.emd"
 PTH = FIX / "esri_mtre_linknet34.pth"
-ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 REF_TRAIN = {"arch": "linknet34_mtl", "batch_size": 4, "epochs": 1, "patience": 0, "val_fraction": 0.25, "val_split": "tile"}
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import ROAD, ROOT
 from roadxfer.data import load_tiles
 from roadxfer.demo import write_scene
 from roadxfer.errors import InputError
@@ -31,8 +32,6 @@ from roadxfer.lr_schedule import find_lr, lr_factor, valley
 from roadxfer.step import make_optimizer
 from roadxfer.train import train, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-ROAD = [{"value": 1, "name": "road", "color": [255, 0, 0]}]
 FAST = {"backbone": "resnet18", "batch_size": 4, "epochs": 2, "patience": 0, "val_fraction": 0.25, "val_split": "tile"}
 
 
