@@ -271,6 +271,7 @@ def new_roads_wide(table: pd.DataFrame) -> pd.DataFrame:
     """Scenes as rows, models as columns, ``mean (min-max)`` where a model has replicates."""
     cells = table.assign(cell=[f"{f:.3f} ({lo:.3f}-{hi:.3f})" if r > 1 else f"{f:.3f}" for f, lo, hi, r in zip(table["f1"], table["min"], table["max"], table["runs"])])
     wide = cells.pivot_table(index="scene", columns="model", values="cell", aggfunc="first", sort=False)
+    wide.columns.name = None
     return wide[list(dict.fromkeys(table["model"]))].reset_index().fillna("")
 
 

@@ -106,6 +106,7 @@ def curve_wide(table: pd.DataFrame) -> pd.DataFrame:
     cells = table.assign(cell=[f"{m:.3f} ({lo:.3f}-{hi:.3f})" if r > 1 else f"{m:.3f}"
                                for m, lo, hi, r in zip(table["mean"], table["min"], table["max"], table["runs"])])
     wide = cells.pivot_table(index=["curve", "scenes"], columns="metric", values="cell", aggfunc="first", sort=False)
+    wide.columns.name = None
     runs = table.groupby(["curve", "scenes"], sort=False)["runs"].max()
     order = [c for c in [f"{t} F1" for t in NEW_TYPES] + ["APLS"] if c in wide] + sorted(c for c in wide if c not in [f"{t} F1" for t in NEW_TYPES] + ["APLS"])
     out = wide[order].join(runs).reset_index()

@@ -73,6 +73,13 @@ def test_demo_brings_the_shipped_model_and_pretraining_makes_it():
     # (compare.yaml names the demo's tile folders, so it parses only after `make demo`.)
     spread = _dry_run("config/demo.yaml", "experiments/tune.yaml", "experiments/spread.yaml")
     assert _jobs(spread, "train_model") == 3 + 6 and _jobs(spread, "demo_scene") == _jobs(tune, "demo_scene")
+    # The 1-2-3-scene curve: 18 more models on one and two transfer scenes; the landscape runs replace the test scenes only.
+    curve = _dry_run("config/demo.yaml", "experiments/spread.yaml", "experiments/curve.yaml")
+    assert _jobs(curve, "train_model") == 3 + 6 + 18 and _jobs(curve, "classify_scene") == (1 + 3 + 6 + 18) * 4
+    lands = _dry_run("config/demo.yaml", "experiments/spread.yaml", "experiments/landscapes.yaml")
+    assert "demo_land_savanna" in lands and "demo_final_01" not in lands and _jobs(lands, "classify_scene") == 10 * (4 + 2)
+    tuning = _dry_run("config/demo.yaml", "experiments/tune_landscapes.yaml")
+    assert "demo_tland_forest" in tuning and _jobs(tuning, "train_model") == 3 + 2 and _jobs(tuning, "classify_scene") == 6 * (4 + 5)
 
 
 def test_seed_sets_are_disjoint():
@@ -84,9 +91,13 @@ def test_seed_sets_are_disjoint():
         return {s: v["seed"] for s, v in cfg.get("demo", {}).get("scenes", {}).items()}
 
     demo, tune, holdout = seeds("config.yaml"), seeds("tune.yaml"), seeds("holdout.yaml")
+    lands, tune_lands = seeds("landscapes.yaml"), seeds("tune_landscapes.yaml")
+    retention_for_tuning = {s: v for s, v in tune.items() if s.startswith("demo_retain")}
+    assert {s: v for s, v in tune_lands.items() if s.startswith("demo_retain")} == retention_for_tuning  # tuning scenes share the tuning retention
     shared = {s: v for s, v in demo.items() if s.startswith(("demo_base", "demo_transfer"))}  # used by all three
     final = {s: v for s, v in demo.items() if s not in shared}
     assert set(holdout) == set(final)  # every final test and retention scene is replaced
-    sets = [set(seeds("pretrain.yaml").values()), set(shared.values()), set(final.values()), set(tune.values()) - set(shared.values()), set(holdout.values())]
+    sets = [set(seeds("pretrain.yaml").values()), set(shared.values()), set(final.values()), set(tune.values()) - set(shared.values()), set(holdout.values()),
+            set(lands.values()), set(tune_lands.values()) - set(retention_for_tuning.values())]
     assert all(sets)
     assert sum(map(len, sets)) == len(set().union(*sets))
