@@ -248,11 +248,14 @@ def per_scene_new_roads(per_scene: pd.DataFrame, models: Sequence[str], replicat
     """F1 on the new road types pooled, per test scene and model: their counts summed (each
     predicted pixel belongs to the nearest reference's type, so the shares do not overlap).
     A model with replicates gets the mean over its runs, with the lowest and highest."""
+    from .evaluate import f1  # the evaluation's F1, its rule for undefined precision or recall included
+
     replicates = replicates or {}
     sub = per_scene[per_scene["road_type"].isin(list(types))]
     pooled = sub.groupby(["scene", "model"], sort=False)[["tp", "fp", "fn"]].sum()
-    den = 2 * pooled["tp"] + pooled["fp"] + pooled["fn"]
-    pooled["f1"] = np.where(den > 0, 2 * pooled["tp"] / den.where(den > 0, 1), np.nan)
+    precision = pooled["tp"] / (pooled["tp"] + pooled["fp"]).where(lambda n: n > 0)
+    recall = pooled["tp"] / (pooled["tp"] + pooled["fn"]).where(lambda n: n > 0)
+    pooled["f1"] = [f1(a, b) for a, b in zip(precision, recall)]
     pooled = pooled.reset_index()
     repeats = {r for reps in replicates.values() for r in reps}
     rows = []
@@ -378,8 +381,9 @@ def write_report(
         t = targets(checked, baseline, transfer, control if control in names else None, kept, ev.get("retained_types") or (),
                     imagenet if imagenet in names else None)
         more = []
-        if curve is not None and curve_of(curves, transfer) and curve_of(curves, control):
-            more += fewest_scene_checks(curve, curve_of(curves, transfer), curve_of(curves, control), label="scratch")
+        transfer_curve, control_curve = curve_of(curves, transfer), curve_of(curves, control)
+        if curve is not None and transfer_curve and control_curve:
+            more += fewest_scene_checks(curve, transfer_curve, control_curve, label="scratch")
         if ev.get("new_road_floor") is not None:
             controls = {label: m for label, m in (("scratch", control), ("ImageNet-only", imagenet)) if m and m in names}
             more += new_road_checks(new_roads, transfer, controls, float(ev["new_road_floor"]))
